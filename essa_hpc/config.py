@@ -1,0 +1,406 @@
+"""The whole run configuration as frozen, typed dataclasses.
+
+Why plain dataclasses: a config is data that every rank must agree on, that is written to the run
+directory and the HDF5 log, and that sweeps rewrite with dotted keys. Nothing here loads a model or
+touches MPI; `load_config` validates everything that can be checked without expensive work, so a bad
+key or value fails in milliseconds with a message naming the field (DESIGN.md, "Bad input").
+
+Sections and key names follow DESIGN.md's config table; extra keys are documented in each field's
+``doc`` metadata (``python -m essa_hpc.run --help-config`` prints them all).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import hashlib
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem a user must fix; the message names the field and what was expected."""
+
+
+def _f(default: Any, doc: str, **kw: Any) -> Any:
+    """A dataclass field carrying its documentation (shown by --help-config)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: copy.deepcopy(d), metadata={"doc": doc}, **kw)
+    return field(default=default, metadata={"doc": doc}, **kw)
+
+
+EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
+TASK_NAMES = ("arithmetic", "gsm8k", "math", "ifeval", "reward_model", "fake")
+BACKEND_NAMES = ("hf", "vllm", "fake")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+QUANTIZATIONS = ("none", "int8", "int4", "awq", "gptq", "fp8", "compressed-tensors", "bitsandbytes")
+
+
+@dataclass(frozen=True)
+class RunSection:
+    name: str = _f("default", "Run name; the run directory is <run.dir>/<run.name>.")
+    dir: str = _f("runs", "Folder holding run directories.")
+    seed: int = _f(1234, "The one seed every random choice derives from (optimizer, minibatches, sampling).")
+    generations: int = _f(20, "Number of CMA-ES generations (stop criterion).")
+    time_budget_s: float = _f(0.0, "Stop at the first generation boundary after this many seconds (0 = no limit).")
+    target_metric: str | None = _f(None, "Validation metric that stops the run once it reaches target_value.")
+    target_value: float | None = _f(None, "Threshold for target_metric.")
+    overwrite: bool = _f(False, "Replace an existing run directory that has no checkpoint to resume from.")
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    path: str = _f(EMBEDDED_MODEL, "Base model: a local HF folder, a hub id (online only), a .gguf file, or the embedded default.")
+    gguf_file: str | None = _f(None, "GGUF file name inside model.path (transformers' gguf_file=).")
+    dtype: str = _f("auto", f"Weights dtype, one of {DTYPES}; auto = bfloat16 on GPU, float32 on CPU.")
+    quantization: str = _f("none", f"Weight quantization, one of {QUANTIZATIONS} (int8/int4 for hf; the rest for vllm checkpoints).")
+    device: str = _f("auto", "cpu, cuda, cuda:N, or auto (cuda when available).")
+    threads: int = _f(0, "torch intra-op threads per rank; 0 = cores on this node / ranks on this node.")
+    cache_dir: str | None = _f(None, "Where converted models (GGUF -> safetensors) are cached; default ~/.cache/essa_hpc.")
+
+
+@dataclass(frozen=True)
+class LoraSection:
+    adapter: str | None = _f(None, "Path of a PEFT LoRA adapter to start from (the SFT warm start).")
+    init: str = _f("sft", "Where the adapter comes from when lora.adapter is unset: sft (train one first, cached) or random (A Kaiming-uniform, B = 0).")
+    rank: int = _f(8, "LoRA rank r (for init: sft / random; an adapter brings its own).")
+    lora_alpha: float = _f(16.0, "LoRA scaling numerator; the update is (lora_alpha / r) * B A.")
+    alpha_fraction: float = _f(1.0, "ESSA's α: the top floor(α·r) singular values of each factor are searched.")
+    targets: list[str] = _f(["q_proj", "k_proj", "v_proj", "o_proj"], "Module names the LoRA adapts.")
+    parametrization: str = _f("relative", "How a search vector x moves singular values: offset (σ = σ_sft + x), relative (σ = σ_sft + x·mean(σ_sft of that factor)) or multiplicative (σ = σ_sft·exp(x)).")
+
+
+@dataclass(frozen=True)
+class SftSection:
+    steps: int = _f(0, "Optimizer steps (0 = use epochs).")
+    epochs: float = _f(2.0, "Passes over the SFT examples when steps = 0.")
+    learning_rate: float = _f(2e-3, "AdamW learning rate.")
+    batch_size: int = _f(16, "Examples per optimizer step.")
+    max_length: int = _f(256, "Token cap on prompt + response.")
+    examples: int = _f(400, "Number of training examples taken from the task's train split.")
+
+
+@dataclass(frozen=True)
+class SearchSection:
+    optimizer: str = _f("cma", "Optimizer name; cma (pycma) is the one implemented.")
+    popsize: int = _f(32, "CMA-ES population λ (paper Table 7: 24-96 on GPUs).")
+    sigma0: float = _f(0.5, "Initial CMA step size, in units of the chosen parametrization.")
+    diagonal: bool = _f(True, "sep-CMA (diagonal covariance): linear cost in d; full CMA is O(d²) memory and O(d³) per eigendecomposition.")
+    digest_every: int = _f(1, "Compare a hash of the optimizer state across ranks every this many generations.")
+    digest_repair: bool = _f(False, "On a digest mismatch, copy rank 0's state instead of stopping the job.")
+    fitness_shaping: str = _f("none", "none (raw −reward) or centered_ranks.")
+
+
+@dataclass(frozen=True)
+class BackendSection:
+    name: str = _f("hf", f"Evaluator, one of {BACKEND_NAMES}.")
+    max_new_tokens: int = _f(48, "Generation length cap.")
+    temperature: float = _f(0.0, "0 = greedy.")
+    top_p: float = _f(1.0, "Nucleus sampling mass.")
+    stop: list[str] = _f([], "Stop strings (completion is cut at the first one).")
+    tensor_parallel_size: int = _f(1, "GPUs per rank (vllm).")
+    max_batch_sequences: int = _f(256, "Cap on sequences per forward pass (hf); larger populations are chunked.")
+    gpu_memory_utilization: float = _f(0.85, "vllm: fraction of GPU memory for the engine.")
+    fake_function: str = _f("sphere", "fake backend: sphere or rosenbrock (reward = −f(x − shift)).")
+    fake_dim: int = _f(64, "fake backend: solution length d.")
+    fake_noise: float = _f(0.0, "fake backend: std of Gaussian noise per sample, seeded per (generation, candidate, sample).")
+    fake_sleep_s: float = _f(0.0, "fake backend: seconds slept per sample to emulate generation.")
+
+
+@dataclass(frozen=True)
+class TaskSection:
+    name: str = _f("arithmetic", f"One of {TASK_NAMES}, or package.module:function for a reward plugin.")
+    path: str | None = _f(None, "Training data file or folder (JSONL/JSON/CSV/parquet/load_from_disk).")
+    val_path: str | None = _f(None, "Validation data; default: held out from task.path (or the task's test split).")
+    batch_size: int = _f(32, "Prompts per candidate per generation (the same prompts for all candidates).")
+    system_prompt: str | None = _f(None, "System prompt; default: the task's (paper's) prompt.")
+    prompt_field: str | None = _f(None, "Column holding the prompt (default per task).")
+    answer_field: str | None = _f(None, "Column holding the reference answer (default per task).")
+    digits: int = _f(2, "arithmetic: digits per operand.")
+    operations: list[str] = _f(["+", "-"], "arithmetic: operations drawn from +, -, *.")
+    format_credit: float = _f(0.0, "arithmetic/gsm8k: reward for a well-formed \\boxed{} answer that is wrong.")
+    reward_model: str | None = _f(None, "reward_model: path of a sequence-classification reward model.")
+    plugins: list[str] = _f([], "Extra reward functions module:function, combined with plugin_weights.")
+    plugin_weights: list[float] = _f([], "Weights for task.plugins (default 1.0 each).")
+    reward_timeout_s: float = _f(60.0, "Per-batch timeout for a reward function.")
+    failure_reward: float = _f(0.0, "Reward given when a reward function fails, times out or returns NaN/None.")
+
+
+@dataclass(frozen=True)
+class EvalSection:
+    every: int = _f(5, "Validate the current mean every this many generations (0 = only at the end).")
+    k: int = _f(1, "Samples per validation prompt (avg@k, pass@k).")
+    split: str = _f("validation", "Which split validates.")
+    size: int = _f(128, "Validation prompts.")
+    temperature: float = _f(0.0, "Sampling temperature for validation (k > 1 needs > 0).")
+
+
+@dataclass(frozen=True)
+class LogSection:
+    checkpoint_every: int = _f(5, "Checkpoint period in generations.")
+    progress: bool = _f(True, "Rank 0 prints one status line per generation.")
+
+
+@dataclass(frozen=True)
+class Config:
+    run: RunSection = field(default_factory=RunSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    lora: LoraSection = field(default_factory=LoraSection)
+    sft: SftSection = field(default_factory=SftSection)
+    search: SearchSection = field(default_factory=SearchSection)
+    backend: BackendSection = field(default_factory=BackendSection)
+    task: TaskSection = field(default_factory=TaskSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    log: LogSection = field(default_factory=LogSection)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    def digest(self, ignore: tuple[str, ...] = ("run.generations", "run.time_budget_s", "run.overwrite")) -> str:
+        """Hash of everything that changes results; checkpoints refuse to resume under another digest.
+
+        Stop criteria are left out so a user may extend a finished or preempted run.
+        """
+        d = self.to_dict()
+        for key in ignore:
+            sec, name = key.split(".")
+            d[sec].pop(name, None)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+    def replace(self, **overrides: Any) -> Config:
+        """Dotted overrides in Python: cfg.replace(**{"search.popsize": 8})."""
+        return from_dict(_apply(self.to_dict(), [(k, v) for k, v in overrides.items()]))
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.dir) / self.run.name
+
+
+SECTIONS: dict[str, type] = {f.name: f.type for f in dataclasses.fields(Config)}  # type: ignore[misc]
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _section_types() -> dict[str, type]:
+    hints = typing.get_type_hints(Config)
+    return {name: hints[name] for name in SECTIONS}
+
+
+def _field_hints(cls: type) -> dict[str, Any]:
+    if cls not in _HINTS:
+        _HINTS[cls] = typing.get_type_hints(cls)
+    return _HINTS[cls]
+
+
+def all_keys() -> list[str]:
+    out = []
+    for sec, cls in _section_types().items():
+        out += [f"{sec}.{f.name}" for f in dataclasses.fields(cls)]
+    return out
+
+
+def describe() -> str:
+    """Every key with its default and documentation, for --help-config."""
+    lines = []
+    for sec, cls in _section_types().items():
+        lines.append(f"[{sec}]")
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            lines.append(f"  {sec}.{f.name} = {default!r}\n      {f.metadata.get('doc', '')}")
+    return "\n".join(lines)
+
+
+def _suggest(key: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(key, choices, n=3, cutoff=0.6)
+    return f" (did you mean {', '.join(close)}?)" if close else ""
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Check a value against a field's type; YAML gives ints for floats and lists for lists."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(key, value, inner[0])
+    if origin is list:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    """Build a Config from nested plain data, rejecting unknown keys with suggestions."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: expected a mapping of sections, got {type(data).__name__}")
+    sections = _section_types()
+    built: dict[str, Any] = {}
+    for sec, body in data.items():
+        if sec not in sections:
+            raise ConfigError(f"unknown config section {sec!r}{_suggest(sec, list(sections))}")
+        if body is None:
+            body = {}
+        if not isinstance(body, dict):
+            raise ConfigError(f"{sec}: expected a mapping of keys, got {body!r}")
+        cls = sections[sec]
+        hints = _field_hints(cls)
+        names = [f.name for f in dataclasses.fields(cls)]
+        kwargs = {}
+        for key, value in body.items():
+            if key not in names:
+                full = f"{sec}.{key}"
+                raise ConfigError(f"unknown config key {full!r}{_suggest(full, all_keys())}")
+            kwargs[key] = _coerce(f"{sec}.{key}", value, hints[key])
+        built[sec] = cls(**kwargs)
+    return Config(**built)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`a.b=value` with the value read as YAML (so 8 is an int, [x, y] a list, null is None)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected key=value, e.g. search.popsize=48")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {key}: cannot parse value {raw!r}: {e}") from None
+    return key, value
+
+
+def _apply(data: dict[str, Any], overrides: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = all_keys()
+    for key, value in overrides:
+        if key not in keys:
+            raise ConfigError(f"unknown config key {key!r}{_suggest(key, keys)}")
+        sec, name = key.split(".", 1)
+        data.setdefault(sec, {})
+        if data[sec] is None:
+            data[sec] = {}
+        data[sec][name] = value
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, check_paths: bool = True) -> Config:
+    """YAML file (optional) + `--set` overrides -> a validated Config. Raises ConfigError."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"--config {p}: no such file")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--config {p}: not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"--config {p}: expected a mapping of sections at the top level")
+    data = _apply(data, [parse_override(o) for o in overrides or []])
+    cfg = from_dict(data)
+    validate(cfg, check_paths=check_paths)
+    return cfg
+
+
+def validate(cfg: Config, check_paths: bool = True) -> None:
+    """Every check that needs no model or data load. Raises ConfigError naming the first bad field."""
+    r, m, lo, s, b, t, e, lg, sf = cfg.run, cfg.model, cfg.lora, cfg.search, cfg.backend, cfg.task, cfg.eval, cfg.log, cfg.sft
+
+    def need(ok: bool, key: str, msg: str) -> None:
+        if not ok:
+            raise ConfigError(f"{key}: {msg}")
+
+    need(bool(r.name) and "/" not in r.name, "run.name", f"expected a non-empty name without '/', got {r.name!r}")
+    need(r.generations >= 1, "run.generations", f"expected >= 1, got {r.generations}")
+    need(r.time_budget_s >= 0, "run.time_budget_s", f"expected >= 0 (0 = no limit), got {r.time_budget_s}")
+    need(0 <= r.seed < 2**63, "run.seed", f"expected 0 <= seed < 2**63, got {r.seed}")
+    need((r.target_metric is None) == (r.target_value is None), "run.target_value", "run.target_metric and run.target_value go together")
+    need(m.dtype in DTYPES, "model.dtype", f"expected one of {DTYPES}, got {m.dtype!r}")
+    need(m.quantization in QUANTIZATIONS, "model.quantization", f"expected one of {QUANTIZATIONS}, got {m.quantization!r}")
+    need(m.device == "auto" or m.device == "cpu" or m.device.startswith("cuda"), "model.device", f"expected cpu, cuda, cuda:N or auto, got {m.device!r}")
+    need(m.threads >= 0, "model.threads", f"expected >= 0 (0 = automatic), got {m.threads}")
+    need(lo.init in ("sft", "random"), "lora.init", f"expected sft or random, got {lo.init!r}")
+    need(lo.rank >= 1, "lora.rank", f"expected a positive rank, got {lo.rank}")
+    need(0 < lo.alpha_fraction <= 1, "lora.alpha_fraction", f"expected 0 < α <= 1, got {lo.alpha_fraction}")
+    need(math.floor(lo.alpha_fraction * lo.rank) >= 1, "lora.alpha_fraction",
+         f"floor(α·r) = floor({lo.alpha_fraction}·{lo.rank}) = 0 searched singular values per factor; raise α or the rank")
+    need(len(lo.targets) >= 1, "lora.targets", "expected at least one target module")
+    need(lo.parametrization in ("offset", "relative", "multiplicative"), "lora.parametrization",
+         f"expected offset, relative or multiplicative, got {lo.parametrization!r}")
+    need(sf.steps >= 0 and sf.epochs > 0, "sft.steps", "expected steps >= 0 and epochs > 0")
+    need(sf.learning_rate > 0, "sft.learning_rate", f"expected > 0, got {sf.learning_rate}")
+    need(sf.batch_size >= 1 and sf.max_length >= 8 and sf.examples >= 1, "sft.batch_size", "expected batch_size >= 1, max_length >= 8, examples >= 1")
+    need(s.optimizer == "cma", "search.optimizer", f"expected cma, got {s.optimizer!r}")
+    need(s.popsize >= 2, "search.popsize", f"expected a population of at least 2, got {s.popsize}")
+    need(s.sigma0 > 0 and math.isfinite(s.sigma0), "search.sigma0", f"expected a finite step size > 0, got {s.sigma0}")
+    need(s.digest_every >= 1, "search.digest_every", f"expected >= 1, got {s.digest_every}")
+    need(s.fitness_shaping in ("none", "centered_ranks"), "search.fitness_shaping", f"expected none or centered_ranks, got {s.fitness_shaping!r}")
+    need(b.name in BACKEND_NAMES, "backend.name", f"expected one of {BACKEND_NAMES}, got {b.name!r}{_suggest(b.name, list(BACKEND_NAMES))}")
+    need(b.max_new_tokens >= 1, "backend.max_new_tokens", f"expected >= 1, got {b.max_new_tokens}")
+    need(b.temperature >= 0, "backend.temperature", f"expected >= 0, got {b.temperature}")
+    need(0 < b.top_p <= 1, "backend.top_p", f"expected 0 < top_p <= 1, got {b.top_p}")
+    need(b.tensor_parallel_size >= 1, "backend.tensor_parallel_size", f"expected >= 1, got {b.tensor_parallel_size}")
+    need(b.max_batch_sequences >= 1, "backend.max_batch_sequences", f"expected >= 1, got {b.max_batch_sequences}")
+    need(b.fake_function in ("sphere", "rosenbrock"), "backend.fake_function", f"expected sphere or rosenbrock, got {b.fake_function!r}")
+    need(b.fake_dim >= 1 and b.fake_noise >= 0 and b.fake_sleep_s >= 0, "backend.fake_dim", "expected fake_dim >= 1, fake_noise >= 0, fake_sleep_s >= 0")
+    need(b.name != "fake" or t.name in ("fake", "arithmetic"), "task.name", "backend.name=fake scores candidates analytically; use task.name=fake (or leave the default)")
+    need(t.name in TASK_NAMES or _is_plugin(t.name), "task.name",
+         f"expected one of {TASK_NAMES} or package.module:function, got {t.name!r}{_suggest(t.name, list(TASK_NAMES))}")
+    for pl in t.plugins:
+        need(_is_plugin(pl), "task.plugins", f"expected package.module:function, got {pl!r}")
+    need(not t.plugin_weights or len(t.plugin_weights) == len(t.plugins), "task.plugin_weights",
+         f"expected {len(t.plugins)} weights (one per plugin), got {len(t.plugin_weights)}")
+    need(t.batch_size >= 1, "task.batch_size", f"expected >= 1 prompts per candidate, got {t.batch_size}")
+    need(1 <= t.digits <= 12, "task.digits", f"expected 1..12, got {t.digits}")
+    need(len(t.operations) >= 1 and all(o in ("+", "-", "*") for o in t.operations), "task.operations", f"expected a non-empty list from +, -, *, got {t.operations}")
+    need(t.reward_timeout_s > 0, "task.reward_timeout_s", f"expected > 0, got {t.reward_timeout_s}")
+    need(t.name != "reward_model" or t.reward_model is not None, "task.reward_model", "task.name=reward_model needs the path of a reward model")
+    need(e.every >= 0, "eval.every", f"expected >= 0 (0 = only at the end), got {e.every}")
+    need(e.k >= 1 and e.size >= 1, "eval.k", f"expected k >= 1 and size >= 1, got k={e.k}, size={e.size}")
+    need(e.k == 1 or e.temperature > 0, "eval.temperature", "eval.k > 1 samples the same prompt k times; set eval.temperature > 0")
+    need(lg.checkpoint_every >= 1, "log.checkpoint_every", f"expected >= 1, got {lg.checkpoint_every}")
+    if check_paths:
+        for key, value in (("lora.adapter", lo.adapter), ("task.path", t.path), ("task.val_path", t.val_path), ("task.reward_model", t.reward_model)):
+            need(value is None or Path(value).exists(), key, f"no such file or folder: {value}")
+        if not m.path.startswith("embedded:") and ("/" in m.path or m.path.startswith(".")) and not Path(m.path).exists():
+            raise ConfigError(f"model.path: no such file or folder: {m.path}")
+
+
+def _is_plugin(name: str) -> bool:
+    mod, _, fn = name.partition(":")
+    return bool(mod) and bool(fn) and all(p.isidentifier() for p in mod.split(".")) and fn.isidentifier()

@@ -1,0 +1,253 @@
+"""The communicator: the only module that imports MPI.
+
+Every rank runs the same optimizer from the same seed, so what crosses the network per generation is
+one ``Allgather`` of fixed-size records (DESIGN.md, "One generation", steps 3-5):
+
+    (valid, stop, candidate, part, seed, reward_fx, n, failures, timeouts, tokens, digest, timings[K])
+
+``reward_fx`` is the candidate's reward sum in 32.32 fixed point (int64). Integer addition is
+associative, so a candidate whose minibatch is split across ranks sums to exactly the same value as
+one evaluated whole on one rank: the logged rewards are bit-identical for every world size. The
+optimizer digest of the state *before* this generation's ``ask`` rides in the same records, so the
+state check costs no extra collective.
+
+Without ``mpiexec``/``srun`` (no PMI variables in the environment) a single-process stand-in is used
+and mpi4py is never imported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import sys
+import traceback
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+PHASES = ("generate", "reward", "allgather", "tell", "log", "checkpoint", "eval", "other")
+FIXED_POINT = 2.0**32
+DIGEST_BYTES = 16
+
+RECORD = np.dtype(
+    [
+        ("valid", np.uint8),
+        ("stop", np.uint8),
+        ("cand", np.int32),
+        ("part", np.int32),
+        ("seed", np.uint64),
+        ("reward_fx", np.int64),
+        ("n", np.int32),
+        ("failures", np.int32),
+        ("timeouts", np.int32),
+        ("tokens", np.int64),
+        ("digest", f"S{DIGEST_BYTES}"),
+        ("timings", np.float64, (len(PHASES),)),
+    ]
+)
+
+
+class DistError(RuntimeError):
+    """Ranks disagree or a gathered record is wrong; the message names the ranks and candidates."""
+
+
+@dataclass(frozen=True)
+class Work:
+    cand: int  # candidate index in 0..λ-1
+    part: int  # which slice of the candidate's minibatch (0 when whole)
+    lo: int  # first prompt index in the minibatch
+    hi: int  # one past the last
+
+
+def assign(popsize: int, batch: int, world: int) -> list[list[Work]]:
+    """Who evaluates what, a pure function of (λ, batch, world): every rank computes the same table.
+
+    λ ≥ world: candidates dealt round-robin, each evaluated whole on one rank.
+    λ < world: rank r works for candidate r mod λ; the ranks of a candidate split its minibatch in
+    contiguous slices (partial sums are exact in fixed point, so the split does not change results).
+    Ranks whose slice would be empty (more ranks than prompts) get no work.
+    """
+    if popsize < 1 or batch < 1 or world < 1:
+        raise ValueError(f"assign: need popsize, batch, world >= 1, got {popsize}, {batch}, {world}")
+    table: list[list[Work]] = [[] for _ in range(world)]
+    if popsize >= world:
+        for c in range(popsize):
+            table[c % world].append(Work(c, 0, 0, batch))
+        return table
+    for c in range(popsize):
+        ranks = list(range(c, world, popsize))
+        bounds = np.linspace(0, batch, len(ranks) + 1).round().astype(int)
+        for part, (r, lo, hi) in enumerate(zip(ranks, bounds[:-1], bounds[1:])):
+            if hi > lo:
+                table[r].append(Work(c, part, int(lo), int(hi)))
+    return table
+
+
+def shard(n: int, world: int, rank: int) -> tuple[int, int]:
+    """Contiguous [lo, hi) share of n items for a rank (validation sharding)."""
+    bounds = np.linspace(0, n, world + 1).round().astype(int)
+    return int(bounds[rank]), int(bounds[rank + 1])
+
+
+def to_fixed(values: np.ndarray) -> int:
+    """Sum of rewards in 32.32 fixed point; refuses magnitudes that could overflow int64."""
+    v = np.asarray(values, dtype=np.float64)
+    if not np.isfinite(v).all():
+        raise DistError("a reward is NaN or inf; tasks must replace failures with task.failure_reward")
+    if v.size and np.abs(v).max() >= 2.0**30 / max(1, v.size):
+        raise DistError(f"reward magnitude {np.abs(v).max():.3g} too large for exact fixed-point sums; rescale the reward")
+    return int(np.round(v * FIXED_POINT).astype(np.int64).sum())
+
+
+def splitmix64(*parts: int) -> int:
+    """Deterministic 64-bit seed from integers (SplitMix64 finalizer chained over the parts)."""
+    mask = (1 << 64) - 1
+    z = 0x9E3779B97F4A7C15
+    for p in parts:
+        z = (z ^ (int(p) & mask)) & mask
+        z = (z + 0x9E3779B97F4A7C15) & mask
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+        z = z ^ (z >> 31)
+    return z
+
+
+def candidate_seed(run_seed: int, gen: int, cand: int) -> int:
+    return splitmix64(run_seed, gen, cand, 0xC4)
+
+
+def sample_seed(cand_seed: int, prompt_index: int, sample: int = 0) -> int:
+    """Seed of one (generation, candidate, prompt, sample): independent of how work was dealt."""
+    return splitmix64(cand_seed, prompt_index, sample) & ((1 << 63) - 1)
+
+
+class Comm:
+    """The communicator the run loop uses; MPI-backed or a single process."""
+
+    def __init__(self, mpi_comm: Any = None) -> None:
+        self._comm = mpi_comm
+        if mpi_comm is None:
+            self.rank, self.size, self.ranks_on_node = 0, 1, 1
+        else:
+            from mpi4py import MPI
+
+            self.rank, self.size = mpi_comm.Get_rank(), mpi_comm.Get_size()
+            node = mpi_comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
+            self.ranks_on_node = node.Get_size()
+            node.Free()
+
+    @property
+    def is_mpi(self) -> bool:
+        return self._comm is not None
+
+    def allgather_records(self, mine: np.ndarray, slots: int) -> np.ndarray:
+        """THE collective of a generation: every rank's records, padded to `slots`, into [world, slots]."""
+        if mine.size > slots:
+            raise DistError(f"rank {self.rank}: {mine.size} records exceed the {slots} slots per rank")
+        send = np.zeros(slots, dtype=RECORD)
+        send[: mine.size] = mine
+        if self._comm is None:
+            return send.reshape(1, slots)
+        recv = np.empty(self.size * slots, dtype=RECORD)
+        self._comm.Allgather(send.view(np.uint8), recv.view(np.uint8))
+        return recv.reshape(self.size, slots)
+
+    def allgather(self, obj: Any) -> list[Any]:
+        """Small Python objects (validation results, host names): not in the per-generation path."""
+        return [obj] if self._comm is None else self._comm.allgather(obj)
+
+    def bcast(self, obj: Any, root: int = 0) -> Any:
+        return obj if self._comm is None else self._comm.bcast(obj, root=root)
+
+    def barrier(self) -> None:
+        if self._comm is not None:
+            self._comm.Barrier()
+
+    def abort(self, code: int = 1) -> None:
+        if self._comm is not None:
+            self._comm.Abort(code)
+        raise SystemExit(code)
+
+
+def launched_by_mpi() -> bool:
+    """True under mpiexec/mpirun (MPICH PMI, Open MPI) or srun with an MPI plugin."""
+    keys = ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS", "HYDRA_CONTROL_FD")
+    return any(k in os.environ for k in keys)
+
+
+def init() -> Comm:
+    if not launched_by_mpi():
+        return Comm(None)
+    from mpi4py import MPI
+
+    return Comm(MPI.COMM_WORLD)
+
+
+def hostname() -> str:
+    return socket.gethostname()
+
+
+@contextlib.contextmanager
+def abort_on_error(comm: Comm) -> Iterator[None]:
+    """An uncaught exception on any rank kills the whole job, so no rank waits forever on a dead one.
+
+    The failing rank prints who it is and what went wrong before the abort.
+    """
+    try:
+        yield
+    except SystemExit:
+        raise
+    except BaseException as e:
+        if comm.is_mpi and comm.size > 1:
+            sys.stderr.write(f"essa-run: rank {comm.rank}/{comm.size} on {hostname()} failed: {e.__class__.__name__}: {e}\n")
+            traceback.print_exc(file=sys.stderr)
+            sys.stderr.flush()
+            comm.abort(1)
+        raise
+
+
+def check_records(recs: np.ndarray, table: list[list[Work]], popsize: int, seeds: np.ndarray) -> None:
+    """What arrived must be exactly the work table: every (candidate, part) once, from the right rank,
+    with the expected seed. Anything else is a bug or a diverged rank: stop with the details."""
+    for r, works in enumerate(table):
+        got = recs[r][recs[r]["valid"] == 1]
+        if len(got) != len(works):
+            raise DistError(f"rank {r} sent {len(got)} records, expected {len(works)}")
+        for rec, w in zip(got, works):
+            if int(rec["cand"]) != w.cand or int(rec["part"]) != w.part:
+                raise DistError(f"rank {r} sent candidate {int(rec['cand'])} part {int(rec['part'])}, expected {w.cand} part {w.part}")
+            if int(rec["seed"]) != int(seeds[w.cand]):
+                raise DistError(f"rank {r}: seed of candidate {w.cand} is {int(rec['seed'])}, expected {int(seeds[w.cand])}")
+            if int(rec["n"]) != w.hi - w.lo:
+                raise DistError(f"rank {r}: candidate {w.cand} part {w.part} scored {int(rec['n'])} samples, expected {w.hi - w.lo}")
+    covered = np.zeros(popsize, dtype=np.int64)
+    for works in table:
+        for w in works:
+            covered[w.cand] += 1
+    if (covered == 0).any():
+        raise DistError(f"candidates {np.flatnonzero(covered == 0).tolist()} were evaluated by no rank")
+
+
+def combine(recs: np.ndarray, popsize: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-candidate mean reward, sample counts and tokens, from the gathered records (exact sums)."""
+    flat = recs.reshape(-1)
+    flat = flat[flat["valid"] == 1]
+    total = np.zeros(popsize, dtype=object)  # Python ints: exact, no overflow
+    n = np.zeros(popsize, dtype=np.int64)
+    for rec in flat:
+        c = int(rec["cand"])
+        total[c] += int(rec["reward_fx"])
+        n[c] += int(rec["n"])
+    mean = np.array([float(t) / FIXED_POINT / max(1, k) for t, k in zip(total, n)], dtype=np.float64)
+    tokens = np.zeros(recs.shape[0], dtype=np.int64)
+    for r in range(recs.shape[0]):
+        tokens[r] = int(recs[r]["tokens"][recs[r]["valid"] == 1].sum())
+    return mean, n, tokens
+
+
+def diverged_ranks(digests: list[bytes]) -> list[int]:
+    """Ranks whose optimizer digest differs from rank 0's (rank 0 is the reference)."""
+    return [r for r, d in enumerate(digests) if d != digests[0]]

@@ -1,0 +1,45 @@
+"""Shared test helpers: where the venv's mpiexec is, how to run the CLI, where ../shared/data is."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def shared_data() -> Path:
+    return Path(os.environ.get("ESSA_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+def mpiexec() -> str:
+    exe = BIN / "mpiexec"
+    return str(exe) if exe.exists() else "mpiexec"
+
+
+def cli_env(tmp_path: Path | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "OMPI_", "PMIX_", "HYDRA_"))}
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def run_cli(args: list[str], cwd: Path, ranks: int = 0, timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """python -m essa_hpc.run ..., under a real mpiexec when ranks > 0."""
+    cmd = [sys.executable, "-m", "essa_hpc.run", *args]
+    if ranks:
+        cmd = [mpiexec(), "-n", str(ranks), *cmd]
+    return subprocess.run(cmd, cwd=cwd, env=env or cli_env(), capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def shared() -> Path:
+    d = shared_data()
+    if not d.is_dir():
+        pytest.skip(f"reference data not found at {d} (set ESSA_SHARED_DATA)")
+    return d
