@@ -20,6 +20,7 @@ import math
 import os
 import signal
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -130,17 +131,32 @@ def prepare_run_dir(cfg: Config, comm: dist.Comm, resume: bool) -> bool:
             elif (run_dir / "log.h5").exists() and not cfg.run.overwrite:
                 decision = ("error", f"{run_dir} already holds a run (log.h5) with no checkpoint; "
                                      "pick another run.name or set run.overwrite=true")
-            parent = run_dir if run_dir.exists() else run_dir.parent
-            while not parent.exists():
-                parent = parent.parent
-            if decision[0] != "error" and not os.access(parent, os.W_OK):
-                decision = ("error", f"run.dir: {parent} is not writable")
+            if decision[0] != "error":
+                problem = unwritable(run_dir)
+                if problem:
+                    decision = ("error", f"run.dir: cannot write the run directory {run_dir}: {problem}")
         except checkpoint.CheckpointError as e:
             decision = ("error", str(e))
     decision = comm.bcast(decision)
     if decision[0] == "error":
         raise RunError(decision[1])
     return decision[0] == "resume"
+
+
+def unwritable(run_dir: Path) -> str | None:
+    """Why files cannot be created in run_dir (probing the nearest existing ancestor), or None."""
+    probe = run_dir
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{probe} is not a folder"
+    try:
+        fd, name = tempfile.mkstemp(prefix=".essa-probe-", dir=probe)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as e:
+        return f"{probe} is not writable ({e.strerror})"
+    return None
 
 
 def write_run_dir(cfg: Config) -> None:
@@ -157,10 +173,16 @@ def build_evaluator(cfg: Config, comm: dist.Comm) -> Evaluator:
     from essa_hpc.tasks import make_task
 
     task = make_task(cfg)
-    metric_names = metrics.metric_names(cfg.eval.k)
+    threshold = float(getattr(task, "correct_threshold", 1.0))
 
     def summarize(per_prompt: list[list[float]]) -> dict[str, float]:
-        return metrics.summarize(per_prompt, cfg.eval.k)
+        return metrics.validation_metrics(per_prompt, threshold=threshold)
+
+    # SWMR logs need every dataset up front: take the metric names from a dry call. The first name is
+    # the one "best" and the progress line follow: accuracy for checkable tasks, mean reward otherwise.
+    names = list(summarize([[0.0] * cfg.eval.k]))
+    primary = "accuracy" if threshold > 0 and cfg.backend.name != "fake" else "mean_reward"
+    metric_names = [primary] + [n for n in names if n != primary]
 
     if cfg.backend.name == "fake":
         from essa_hpc.backends.fake import FakeBackend
@@ -240,11 +262,14 @@ def validate(ev: Evaluator, cfg: Config, comm: dist.Comm, vec: np.ndarray) -> di
 
 def run(cfg: Config, comm: dist.Comm, resume: bool = False) -> int:
     t_start = time.perf_counter()
-    from essa_hpc import models
     from essa_hpc.search import make_optimizer
     from essa_hpc.tasks import minibatch
 
-    threads = models.set_threads(cfg.model.threads, comm.ranks_on_node)
+    threads = 1
+    if cfg.backend.name != "fake":  # the fake backend needs no torch (fast start for engine tests)
+        from essa_hpc import models
+
+        threads = models.set_threads(cfg.model.threads, comm.ranks_on_node)
     resuming = prepare_run_dir(cfg, comm, resume)
     run_dir = cfg.run_dir
     stop = StopFlag()
@@ -355,7 +380,9 @@ def run(cfg: Config, comm: dist.Comm, resume: bool = False) -> int:
         t_log = time.perf_counter() - tl
         done = gen + 1
         t_eval = 0.0
-        last = done >= cfg.run.generations or stop_now
+        # a signalled stop is an interruption, not an end: no extra validation, so the resumed run's
+        # log matches an uninterrupted one; a spent time budget does end the run
+        last = done >= cfg.run.generations or (stop_now and not signalled)
         metrics_now = None
         if (cfg.eval.every and done % cfg.eval.every == 0) or last:
             te = time.perf_counter()
