@@ -259,3 +259,33 @@ def set_threads(threads: int, ranks_on_node: int) -> int:
         threads = max(1, cores // max(1, ranks_on_node))
     torch.set_num_threads(threads)
     return threads
+
+
+def save_tiny_model(path: str | Path, seed: int = 0, hidden_size: int = 32, layers: int = 2) -> Path:
+    """Write a tiny random Llama + a character-level fast tokenizer as an ordinary HF folder.
+
+    Used by tests that go through ``model.path`` exactly as a user's model would (``from_pretrained``,
+    chat template, under several ranks), with no download.
+    """
+    from tokenizers import Tokenizer, decoders, pre_tokenizers
+    from tokenizers import models as tk_models
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    chars = [chr(c) for c in range(32, 127)] + ["\n"]
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    vocab = {tok: i for i, tok in enumerate(specials + chars)}
+    tk = Tokenizer(tk_models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    tk.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tok.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}<assistant>{% endif %}")
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg)
+    out = Path(path)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out

@@ -278,7 +278,10 @@ def run(cfg: Config, comm: dist.Comm, resume: bool = False) -> int:
     lam, B, d = cfg.search.popsize, cfg.task.batch_size, ev.dim
     if len(ev.train) < B:
         raise RunError(f"task.batch_size={B} but the training split has only {len(ev.train)} examples")
-    opt = make_optimizer(cfg.search, d, cfg.run.seed)
+    try:
+        opt = make_optimizer(cfg.search, d, cfg.run.seed)
+    except ValueError as e:
+        raise RunError(str(e)) from None
     table = dist.assign(lam, B, comm.size)
     mine, slots = table[comm.rank], max(1, max(len(w) for w in table))
     primary = ev.metric_names[0]

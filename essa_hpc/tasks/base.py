@@ -6,8 +6,9 @@ rank, and every rank count, sees the same prompts (DESIGN.md "One generation", s
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 

@@ -1,0 +1,141 @@
+"""Evaluate a model (optionally with a PEFT LoRA adapter) on a task's validation split.
+
+    python -m essa_hpc.evaluate --task gsm8k [--adapter runs/x/adapter] [--size 200] [--k 4 --temperature 0.7]
+                                [--config FILE.yaml] [--set key=value ...] [--out metrics.json] [--samples out.jsonl]
+
+It loads the model (model.*), builds the task exactly as a run does (``make_task``), generates k
+completions per validation prompt with the configured backend (hf or vllm) and prints the metrics
+of essa_hpc.metrics as one JSON object: accuracy, mean reward, avg@k, pass@k. Sampling seeds are
+the run loop's validation seeds, so the metrics of a run's final adapter match its last validation.
+Under mpiexec the prompts are sharded over ranks and rank 0 prints. ``--samples`` writes every
+(prompt id, sample, completion, reward) as JSON Lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+EXIT_BAD_INPUT = 2
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="essa-evaluate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", help="YAML config (default: the embedded default)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted config override (repeatable)")
+    p.add_argument("--task", help="task.name (arithmetic, gsm8k, math, ifeval, reward_model, module:function)")
+    p.add_argument("--adapter", help="PEFT LoRA adapter folder; default: the base model alone")
+    p.add_argument("--split", help="eval.split: validation (default) or train")
+    p.add_argument("--size", type=int, help="eval.size: number of prompts")
+    p.add_argument("--k", type=int, help="eval.k: samples per prompt")
+    p.add_argument("--temperature", type=float, help="eval.temperature (needed > 0 for k > 1)")
+    p.add_argument("--max-new-tokens", type=int, help="backend.max_new_tokens")
+    p.add_argument("--out", help="also write the metrics JSON to this file")
+    p.add_argument("--samples", help="write every completion with its reward to this JSONL file")
+    return p.parse_args(argv)
+
+
+def overrides(args: argparse.Namespace) -> list[str]:
+    out = list(args.set)
+    for key, value in (
+        ("task.name", args.task),
+        ("lora.adapter", args.adapter),
+        ("eval.split", args.split),
+        ("eval.size", args.size),
+        ("eval.k", args.k),
+        ("eval.temperature", args.temperature),
+        ("backend.max_new_tokens", args.max_new_tokens),
+    ):
+        if value is not None:
+            out.append(f"{key}={json.dumps(value) if isinstance(value, str) else value}")
+    return out
+
+
+def evaluate(cfg: Any, comm: Any = None, samples_path: str | None = None) -> dict[str, float]:
+    """Metrics of the model (plus cfg.lora.adapter, when set) on cfg's task validation split."""
+    from essa_hpc import dist, metrics, models
+    from essa_hpc.backends import Request, make_backend
+    from essa_hpc.tasks import check_prompt_lengths, make_task
+
+    comm = comm or dist.init()
+    task = make_task(cfg)
+    exs = list(task.validation())[: cfg.eval.size]
+    if not exs:
+        raise ValueError(f"task {cfg.task.name}: the validation split is empty")
+    if cfg.backend.name == "fake":
+        raise ValueError("backend.name=fake has no model to evaluate; use hf or vllm")
+    models.set_threads(cfg.model.threads, comm.ranks_on_node)
+    if comm.rank == 0:
+        models.resolve_source(cfg.model)
+    comm.barrier()
+    loaded = models.load(cfg.model)
+    svd = None
+    if cfg.lora.adapter:
+        from essa_hpc import svd_lora
+
+        svd = svd_lora.from_peft_dir(cfg.lora.adapter, 1.0, cfg.lora.parametrization, model=loaded.model)
+    backend = make_backend(cfg, loaded, svd)
+    context = int(getattr(loaded.model.config, "max_position_embeddings", 0) or 0)
+    if context:
+        check_prompt_lengths(exs, loaded.tokenizer, task.system_prompt, context, cfg.backend.max_new_tokens)
+    lo, hi = dist.shard(len(exs), comm.size, comm.rank)
+    base = dist.splitmix64(cfg.run.seed, 0xE7A1)  # the run loop's validation seeds (run.validate)
+    k = cfg.eval.k
+    items = [(i, s) for i in range(lo, hi) for s in range(k)]
+    reqs = [
+        Request(0, models.render_chat(loaded.tokenizer, exs[i].prompt, task.system_prompt), dist.sample_seed(base, i, s)) for i, s in items
+    ]
+    vectors = np.zeros((1, backend.solution_length))
+    outs = backend.generate(vectors, reqs, temperature=cfg.eval.temperature) if reqs else []
+    r = task.reward([exs[i] for i, _ in items], [o.text for o in outs]) if items else None
+    values = r.values.tolist() if r is not None else []
+    mine = [values[j * k : (j + 1) * k] for j in range(hi - lo)]
+    rows = [{"id": exs[i].id, "sample": s, "completion": o.text, "reward": v} for (i, s), o, v in zip(items, outs, values)]
+    gathered = comm.allgather((mine, rows, (r.failures, r.timeouts) if r is not None else (0, 0)))
+    backend.close()
+    per_prompt = [row for part in gathered for row in part[0]]
+    result = metrics.validation_metrics(per_prompt, threshold=float(getattr(task, "correct_threshold", 1.0)))
+    result["prompts"] = float(len(per_prompt))
+    result["reward_failures"] = float(sum(p[2][0] for p in gathered))
+    result["reward_timeouts"] = float(sum(p[2][1] for p in gathered))
+    if samples_path and comm.rank == 0:
+        with Path(samples_path).open("w") as f:
+            for part in gathered:
+                for row in part[1]:
+                    f.write(json.dumps(row) + "\n")
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from essa_hpc import dist
+    from essa_hpc.config import ConfigError, load_config
+
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, overrides(args))
+    except ConfigError as e:
+        print(f"essa-evaluate: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    comm = dist.init()
+    try:
+        result = evaluate(cfg, comm, args.samples)
+    except ValueError as e:  # TaskError, ModelError, AdapterError and bad settings are ValueErrors
+        if comm.rank == 0:
+            print(f"essa-evaluate: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if comm.rank == 0:
+        text = json.dumps({"task": cfg.task.name, "adapter": cfg.lora.adapter, **result}, sort_keys=True)
+        print(text)
+        if args.out:
+            Path(args.out).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
