@@ -68,10 +68,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     with dist.abort_on_error(comm):
         try:
             return run(cfg, comm, resume=args.resume)
-        except (RunError, checkpoint.CheckpointError, ConfigError) as e:
+        except bad_input_errors() as e:
+            # Bad input is usually seen by every rank alike: rank 0 reports it. A rank that alone saw
+            # it (other ranks may be waiting in a collective) reports it after a grace period, and
+            # then the whole job stops with the same status.
             if comm.rank == 0:
-                print(f"essa-run: {e}", file=sys.stderr)
+                print(f"essa-run: {e}", file=sys.stderr, flush=True)
+            if comm.size > 1:
+                if comm.rank != 0:
+                    time.sleep(3.0)
+                    print(f"essa-run (rank {comm.rank}): {e}", file=sys.stderr, flush=True)
+                comm.abort(EXIT_BAD_INPUT)
             return EXIT_BAD_INPUT
+
+
+def bad_input_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean "fix your input": exit status 2 and one line, no traceback."""
+    from essa_hpc.models import ModelError
+    from essa_hpc.svd_lora import AdapterError
+    from essa_hpc.tasks.base import TaskError
+
+    return (RunError, checkpoint.CheckpointError, ConfigError, TaskError, ModelError, AdapterError)
 
 
 # ----------------------------------------------------------------------------------------------------
