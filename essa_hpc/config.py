@@ -404,7 +404,9 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     if check_paths:
         for key, value in (("lora.adapter", lo.adapter), ("task.path", t.path), ("task.val_path", t.val_path), ("task.reward_model", t.reward_model)):
             need(value is None or Path(value).exists(), key, f"no such file or folder: {value}")
-        if not m.path.startswith("embedded:") and ("/" in m.path or m.path.startswith(".")) and not Path(m.path).exists():
+        # A path-looking value must exist; "org/name" is a hub id, checked when the model loads.
+        looks_local = m.path.startswith(("/", "./", "../", "~")) or m.path.endswith(".gguf") or m.path.count("/") > 1
+        if not m.path.startswith("embedded:") and looks_local and not Path(m.path).expanduser().exists():
             raise ConfigError(f"model.path: no such file or folder: {m.path}")
 
 

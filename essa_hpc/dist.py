@@ -179,11 +179,24 @@ def launched_by_mpi() -> bool:
 
 
 def init() -> Comm:
+    # Under srun every task is a rank; a task that cannot see the others would run the whole job alone
+    # and write the same run directory as its siblings. ESSA_ALLOW_SINGLE_RANK=1 (set by essa-submit's
+    # warned fallback) lets one task run by itself.
+    in_step = "SLURM_STEP_ID" in os.environ and os.environ.get("ESSA_ALLOW_SINGLE_RANK") != "1"
+    ntasks = int(os.environ.get("SLURM_NTASKS", "1") or 1) if in_step else 1
     if not launched_by_mpi():
+        if ntasks > 1:
+            raise DistError(f"srun started {ntasks} tasks but none has MPI (PMI) variables: every task would run alone "
+                            "and write the same run directory; use srun --mpi=pmix with mpi4py built against the site MPI "
+                            "(env/MPI.md), or mpirun")
         return Comm(None)
     from mpi4py import MPI
 
-    return Comm(MPI.COMM_WORLD)
+    comm = Comm(MPI.COMM_WORLD)
+    if ntasks > 1 and comm.size != ntasks:
+        raise DistError(f"srun started {ntasks} tasks but MPI sees a world of {comm.size}: mpi4py does not speak this "
+                        "launcher's PMI (the PyPI mpich wheel does not speak PMIx); see env/MPI.md")
+    return comm
 
 
 def hostname() -> str:

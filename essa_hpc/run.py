@@ -64,7 +64,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         print(f"essa-run: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    comm = dist.init()
+    try:
+        comm = dist.init()
+    except dist.DistError as e:
+        print(f"essa-run: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     with dist.abort_on_error(comm):
         try:
             return run(cfg, comm, resume=args.resume)
