@@ -231,7 +231,8 @@ def build_evaluator(cfg: Config, comm: dist.Comm) -> Evaluator:
     else:
         adapter = None  # type: ignore[assignment]
     if adapter is not None:
-        svd = svd_lora.from_peft_dir(adapter, cfg.lora.alpha_fraction, cfg.lora.parametrization, model=loaded.model)
+        svd = svd_lora.from_peft_dir(adapter, cfg.lora.alpha_fraction, cfg.lora.parametrization, model=loaded.model,
+                                     targets=cfg.lora.targets)
     else:
         svd = svd_lora.random_init(loaded.model, cfg.lora.rank, cfg.lora.lora_alpha, cfg.lora.targets, cfg.run.seed,
                                    alpha_fraction=cfg.lora.alpha_fraction, parametrization=cfg.lora.parametrization)

@@ -78,8 +78,17 @@ class FactorSVD:
 
     @classmethod
     def of(cls, M: torch.Tensor) -> FactorSVD:
-        U, S, Vh = torch.linalg.svd(M.detach().to(torch.float64), full_matrices=False)
-        return cls(U=U, S=S, V=Vh.mT.contiguous(), scale=float(S.mean()))
+        """Thin SVD in float64. LoRA factors are thin (r ≪ n), so QR first and an r×r SVD of R: the
+        same factorization as LAPACK's direct path, several times faster at 3584×8."""
+        M = M.detach().to(device="cpu", dtype=torch.float64)
+        tall = M.shape[0] >= M.shape[1]
+        Q, R = torch.linalg.qr(M if tall else M.mT)
+        Ur, S, Vh = torch.linalg.svd(R)
+        if tall:  # M = Q·Ur·diag(S)·Vh
+            U, V = Q @ Ur, Vh.mT
+        else:  # Mᵀ = Q·Ur·diag(S)·Vh  =>  M = Vhᵀ·diag(S)·(Q·Ur)ᵀ
+            U, V = Vh.mT, Q @ Ur
+        return cls(U=U.contiguous(), S=S.contiguous(), V=V.contiguous(), scale=float(S.mean()))
 
     def matrix(self, S: torch.Tensor | None = None) -> torch.Tensor:
         S = self.S if S is None else S
@@ -181,14 +190,36 @@ class SvdLora:
         return torch.cat(parts).numpy() if parts else self.zeros()
 
     def sigma_batch(self, X: np.ndarray) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per module (σ_A[c, r], σ_B[c, r]) for a population X[c, d]: what the batched forward needs."""
-        X = np.atleast_2d(np.asarray(X, dtype=np.float64))
-        per = [self.sigmas(x) for x in X]
-        return [(torch.stack([p[i][0] for p in per]), torch.stack([p[i][1] for p in per])) for i in range(len(self.modules))]
+        """Per module (σ_A[c, r], σ_B[c, r]) for a population X[c, d]: what the batched forward needs.
+
+        Vectorized over candidates and modules; element for element the same arithmetic as ``sigmas``
+        (so the results are bitwise equal)."""
+        Xt = torch.as_tensor(np.atleast_2d(np.asarray(X, dtype=np.float64)))
+        if Xt.dim() != 2 or Xt.shape[1] != self.solution_length:
+            raise ValueError(f"population has shape {tuple(Xt.shape)}, expected (candidates, {self.solution_length})")
+        c, n_mod, kA, kB = Xt.shape[0], len(self.modules), self.k_A, self.k_B
+        Xm = Xt.reshape(c, n_mod, kA + kB).transpose(0, 1)  # [module, candidate, kA + kB]
+        out = []
+        for factor, k, xs in (("A", kA, Xm[..., :kA]), ("B", kB, Xm[..., kA:])):
+            fs = [getattr(m, factor) for m in self.modules]
+            S = torch.stack([f.S for f in fs])[:, None, :]  # [module, 1, r]
+            unit = torch.tensor([f.scale for f in fs], dtype=torch.float64)[:, None, None]
+            moved = S.expand(n_mod, c, S.shape[-1]).clone()
+            head = S[..., :k]
+            if self.parametrization == "offset":
+                moved[..., :k] = head + xs
+            elif self.parametrization == "relative":
+                moved[..., :k] = head + xs * unit
+            else:
+                moved[..., :k] = head * torch.exp(xs)
+            out.append(moved)
+        return [(out[0][i], out[1][i]) for i in range(n_mod)]
 
     def factors(self, x: np.ndarray | torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Rebuilt (A′, B′) per module path, float64 (Alg. 1 line 16)."""
-        return {m.name: (m.A.matrix(sa), m.B.matrix(sb)) for m, (sa, sb) in zip(self.modules, self.sigmas(x))}
+        """Rebuilt (A′, B′) per module path, float64 (Alg. 1 line 16). Products with an inner dimension r
+        only, so one thread (more threads only contend on a shared node)."""
+        with _torch_threads(1):
+            return {m.name: (m.A.matrix(sa), m.B.matrix(sb)) for m, (sa, sb) in zip(self.modules, self.sigmas(x))}
 
     def delta_weights(self, x: np.ndarray | torch.Tensor) -> dict[str, torch.Tensor]:
         """s·B′A′ per module path, float64."""
@@ -231,6 +262,34 @@ def lora_pairs(state_dict: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Ten
     return pairs
 
 
+@contextlib.contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _factorize(
+    pairs: dict[str, tuple[torch.Tensor, torch.Tensor]], targets: list[str], scaling: float | dict[str, float]
+) -> list[LoraModuleSVD]:
+    modules = []
+    for name in sorted(pairs, key=lambda n: module_order_key(n, targets)):
+        A, B = pairs[name]
+        if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
+            raise AdapterError(f"adapter module {name}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} do not form B·A")
+        r = A.shape[0]
+        if r > min(A.shape[1], B.shape[0]):
+            raise AdapterError(f"adapter module {name}: rank {r} exceeds the matrix dimensions {B.shape[0]}×{A.shape[1]}")
+        if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+            raise AdapterError(f"adapter module {name}: weights contain NaN or inf")
+        s = scaling[name] if isinstance(scaling, dict) else scaling
+        modules.append(LoraModuleSVD(name=name, A=FactorSVD.of(A), B=FactorSVD.of(B), scaling=float(s)))
+    return modules
+
+
 def build(
     state_dict: dict[str, torch.Tensor],
     scaling: float | dict[str, float],
@@ -246,20 +305,9 @@ def build(
     if not pairs:
         raise AdapterError("adapter has no lora_A/lora_B weights")
     targets = list(targets) if targets else canonical_targets([n.rsplit(".", 1)[-1] for n in pairs])
-    ranks = set()
-    modules = []
-    for name in sorted(pairs, key=lambda n: module_order_key(n, targets)):
-        A, B = pairs[name]
-        if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
-            raise AdapterError(f"adapter module {name}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} do not form B·A")
-        r = A.shape[0]
-        if r > min(A.shape[1], B.shape[0]):
-            raise AdapterError(f"adapter module {name}: rank {r} exceeds the matrix dimensions {B.shape[0]}×{A.shape[1]}")
-        if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
-            raise AdapterError(f"adapter module {name}: weights contain NaN or inf")
-        ranks.add(r)
-        s = scaling[name] if isinstance(scaling, dict) else scaling
-        modules.append(LoraModuleSVD(name=name, A=FactorSVD.of(A), B=FactorSVD.of(B), scaling=float(s)))
+    with _torch_threads(1):  # hundreds of tiny factorizations: threads only add contention
+        modules = _factorize(pairs, targets, scaling)
+    ranks = {m.rank for m in modules}
     if len(ranks) != 1:
         raise AdapterError(f"adapter mixes ranks {sorted(ranks)} (rank_pattern); ESSA needs one rank for all modules")
     r = ranks.pop()
@@ -269,7 +317,9 @@ def build(
     for m in modules:
         if m.B.scale == 0.0:
             if parametrization == "multiplicative":
-                raise AdapterError("lora.parametrization=multiplicative cannot move σ_B = 0 (B is zero: a random init); use relative or offset")
+                raise AdapterError(
+                    "lora.parametrization=multiplicative cannot move σ_B = 0 (B is zero: a random init); use relative or offset"
+                )
             m.B.scale = m.A.scale
         if m.A.scale == 0.0:
             raise AdapterError(f"adapter module {m.name}: lora_A is all zeros; nothing to search")
@@ -309,8 +359,10 @@ def check_peft_config(config: dict[str, Any], where: str = ADAPTER_CONFIG) -> tu
         r = int(config["r"])
         lora_alpha = float(config.get("lora_alpha", 8))
     except (KeyError, TypeError, ValueError):
-        raise AdapterError(f"{where}: expected an integer 'r' and a number 'lora_alpha', got r={config.get('r')!r}, "
-                           f"lora_alpha={config.get('lora_alpha')!r}") from None
+        raise AdapterError(
+            f"{where}: expected an integer 'r' and a number 'lora_alpha', got r={config.get('r')!r}, "
+            f"lora_alpha={config.get('lora_alpha')!r}"
+        ) from None
     if r < 1:
         raise AdapterError(f"{where}: r={r}; expected a positive rank")
     if not math.isfinite(lora_alpha) or lora_alpha <= 0:
@@ -347,23 +399,29 @@ def check_against_model(pairs: dict[str, tuple[torch.Tensor, torch.Tensor]], mod
             leaf = name.rsplit(".", 1)[-1]
             similar = [n for n, _ in base.named_modules() if n.endswith("." + leaf)][:3]
             hint = f"; the model has e.g. {similar}" if similar else f"; the model has no module named *.{leaf}"
-            raise AdapterError(f"adapter module {name}: not found in the base model "
-                               f"({type(base).__name__}){hint} - was the adapter trained on another model?") from None
+            raise AdapterError(
+                f"adapter module {name}: not found in the base model "
+                f"({type(base).__name__}){hint} - was the adapter trained on another model?"
+            ) from None
         shape = _linear_shape(module)
         if shape is None:
             raise AdapterError(f"adapter module {name}: the base model's module is a {type(module).__name__}, not a Linear layer")
         want = (int(B.shape[0]), int(A.shape[1]))
         if want != shape:
-            raise AdapterError(f"adapter module {name}: the adapter's update B·A is {want[0]}×{want[1]} (lora_A {tuple(A.shape)}, "
-                               f"lora_B {tuple(B.shape)}) but the base model's Linear weight is {shape[0]}×{shape[1]} "
-                               "- was the adapter trained on another model?")
+            raise AdapterError(
+                f"adapter module {name}: the adapter's update B·A is {want[0]}×{want[1]} (lora_A {tuple(A.shape)}, "
+                f"lora_B {tuple(B.shape)}) but the base model's Linear weight is {shape[0]}×{shape[1]} "
+                "- was the adapter trained on another model?"
+            )
 
 
 def _check_keys(state_dict: dict[str, torch.Tensor], where: str) -> None:
     for key in state_dict:
         if _KEY.match(key) is None:
-            raise AdapterError(f"{where}: weight {key!r} is not a lora_A/lora_B matrix (DoRA magnitude, bias, embedding LoRA "
-                               "or modules_to_save); ESSA supports plain LoRA on Linear layers only")
+            raise AdapterError(
+                f"{where}: weight {key!r} is not a lora_A/lora_B matrix (DoRA magnitude, bias, embedding LoRA "
+                "or modules_to_save); ESSA supports plain LoRA on Linear layers only"
+            )
 
 
 def _load_json(path: Path) -> dict[str, Any]:
@@ -423,8 +481,16 @@ def from_peft_dir(
     return _build_checked(state_dict, config, scaling, alpha_fraction, parametrization, model, targets, where)
 
 
-def _build_checked(state_dict: dict[str, torch.Tensor], config: dict[str, Any], scaling: float, alpha_fraction: float,
-                   parametrization: str, model: Any, targets: list[str] | None, where: str) -> SvdLora:
+def _build_checked(
+    state_dict: dict[str, torch.Tensor],
+    config: dict[str, Any],
+    scaling: float,
+    alpha_fraction: float,
+    parametrization: str,
+    model: Any,
+    targets: list[str] | None,
+    where: str,
+) -> SvdLora:
     pairs = lora_pairs(state_dict)
     if not pairs:
         raise AdapterError(f"{where}: the adapter has no lora_A/lora_B weights")
@@ -473,14 +539,23 @@ def target_linears(model: Any, targets: Sequence[str]) -> dict[str, tuple[int, i
     return found
 
 
-def lora_config_dict(rank: int, lora_alpha: float, targets: Sequence[str], use_rslora: bool = False,
-                     base_model_name_or_path: str | None = None) -> dict[str, Any]:
+def lora_config_dict(
+    rank: int, lora_alpha: float, targets: Sequence[str], use_rslora: bool = False, base_model_name_or_path: str | None = None
+) -> dict[str, Any]:
     """A standard peft LoraConfig as JSON-ready data (what adapter_config.json holds)."""
     from peft import LoraConfig
 
-    alpha: float | int = int(lora_alpha) if float(lora_alpha).is_integer() else lora_alpha
-    cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0, bias="none",
-                     task_type="CAUSAL_LM", use_rslora=use_rslora, base_model_name_or_path=base_model_name_or_path)
+    alpha: Any = int(lora_alpha) if float(lora_alpha).is_integer() else lora_alpha  # peft annotates int, accepts float
+    cfg = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        target_modules=list(targets),
+        lora_dropout=0.0,
+        bias="none",
+        task_type="CAUSAL_LM",
+        use_rslora=use_rslora,
+        base_model_name_or_path=base_model_name_or_path,
+    )
     return _normalize_config(cfg.to_dict())
 
 
