@@ -70,12 +70,18 @@ class ModelSection:
 @dataclass(frozen=True)
 class LoraSection:
     adapter: str | None = _f(None, "Path of a PEFT LoRA adapter to start from (the SFT warm start).")
-    init: str = _f("sft", "Where the adapter comes from when lora.adapter is unset: sft (train one first, cached) or random (A Kaiming-uniform, B = 0).")
+    init: str = _f(
+        "sft",
+        "Where the adapter comes from when lora.adapter is unset: sft (train one first, cached) or random (A Kaiming-uniform, B = 0).",
+    )
     rank: int = _f(8, "LoRA rank r (for init: sft / random; an adapter brings its own).")
     lora_alpha: float = _f(16.0, "LoRA scaling numerator; the update is (lora_alpha / r) * B A.")
     alpha_fraction: float = _f(1.0, "ESSA's α: the top floor(α·r) singular values of each factor are searched.")
     targets: list[str] = _f(["q_proj", "k_proj", "v_proj", "o_proj"], "Module names the LoRA adapts.")
-    parametrization: str = _f("relative", "How a search vector x moves singular values: offset (σ = σ_sft + x), relative (σ = σ_sft + x·mean(σ_sft of that factor)) or multiplicative (σ = σ_sft·exp(x)).")
+    parametrization: str = _f(
+        "relative",
+        "How a search vector x moves singular values: offset (σ = σ_sft + x), relative (σ = σ_sft + x·mean(σ_sft of that factor)) or multiplicative (σ = σ_sft·exp(x)).",
+    )
 
 
 @dataclass(frozen=True)
@@ -126,11 +132,17 @@ class TaskSection:
     answer_field: str | None = _f(None, "Column holding the reference answer (default per task).")
     digits: int = _f(2, "arithmetic: digits per operand.")
     operations: list[str] = _f(["+", "-"], "arithmetic: operations drawn from +, -, *.")
-    format_credit: float = _f(0.0, "arithmetic/gsm8k/math: reward for a well-formed \\boxed{} answer that is wrong (a correct answer scores 1.0).")
-    ifeval_reward: str = _f("instruction", "ifeval: instruction (fraction of the prompt's instructions followed) or prompt (1 only when all are).")
+    format_credit: float = _f(
+        0.0, "arithmetic/gsm8k/math: reward for a well-formed \\boxed{} answer that is wrong (a correct answer scores 1.0)."
+    )
+    ifeval_reward: str = _f(
+        "instruction", "ifeval: instruction (fraction of the prompt's instructions followed) or prompt (1 only when all are)."
+    )
     ifeval_loose: bool = _f(False, "ifeval: IFEval's loose check (also accept the response without its first/last line or '*').")
     reward_model: str | None = _f(None, "reward_model: path of a sequence-classification reward model.")
-    reward_normalization: str = _f("none", "reward_model: none, or zscore (standardize the scores of each reward() call; not rank-count invariant).")
+    reward_normalization: str = _f(
+        "none", "reward_model: none, or zscore (standardize the scores of each reward() call; not rank-count invariant)."
+    )
     reward_batch_size: int = _f(16, "reward_model: sequences per forward pass.")
     plugins: list[str] = _f([], "Extra reward functions module:function, combined with plugin_weights.")
     plugin_weights: list[float] = _f([], "Weights for task.plugins (default 1.0 each).")
@@ -356,24 +368,42 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     need((r.target_metric is None) == (r.target_value is None), "run.target_value", "run.target_metric and run.target_value go together")
     need(m.dtype in DTYPES, "model.dtype", f"expected one of {DTYPES}, got {m.dtype!r}")
     need(m.quantization in QUANTIZATIONS, "model.quantization", f"expected one of {QUANTIZATIONS}, got {m.quantization!r}")
-    need(m.device == "auto" or m.device == "cpu" or m.device.startswith("cuda"), "model.device", f"expected cpu, cuda, cuda:N or auto, got {m.device!r}")
+    need(
+        m.device == "auto" or m.device == "cpu" or m.device.startswith("cuda"),
+        "model.device",
+        f"expected cpu, cuda, cuda:N or auto, got {m.device!r}",
+    )
     need(m.threads >= 0, "model.threads", f"expected >= 0 (0 = automatic), got {m.threads}")
     need(lo.init in ("sft", "random"), "lora.init", f"expected sft or random, got {lo.init!r}")
     need(lo.rank >= 1, "lora.rank", f"expected a positive rank, got {lo.rank}")
     need(0 < lo.alpha_fraction <= 1, "lora.alpha_fraction", f"expected 0 < α <= 1, got {lo.alpha_fraction}")
-    need(math.floor(lo.alpha_fraction * lo.rank) >= 1, "lora.alpha_fraction",
-         f"floor(α·r) = floor({lo.alpha_fraction}·{lo.rank}) = 0 searched singular values per factor; raise α or the rank")
+    need(
+        math.floor(lo.alpha_fraction * lo.rank) >= 1,
+        "lora.alpha_fraction",
+        f"floor(α·r) = floor({lo.alpha_fraction}·{lo.rank}) = 0 searched singular values per factor; raise α or the rank",
+    )
     need(len(lo.targets) >= 1, "lora.targets", "expected at least one target module")
-    need(lo.parametrization in ("offset", "relative", "multiplicative"), "lora.parametrization",
-         f"expected offset, relative or multiplicative, got {lo.parametrization!r}")
+    need(
+        lo.parametrization in ("offset", "relative", "multiplicative"),
+        "lora.parametrization",
+        f"expected offset, relative or multiplicative, got {lo.parametrization!r}",
+    )
     need(sf.steps >= 0 and sf.epochs > 0, "sft.steps", "expected steps >= 0 and epochs > 0")
     need(sf.learning_rate > 0, "sft.learning_rate", f"expected > 0, got {sf.learning_rate}")
-    need(sf.batch_size >= 1 and sf.max_length >= 8 and sf.examples >= 1, "sft.batch_size", "expected batch_size >= 1, max_length >= 8, examples >= 1")
+    need(
+        sf.batch_size >= 1 and sf.max_length >= 8 and sf.examples >= 1,
+        "sft.batch_size",
+        "expected batch_size >= 1, max_length >= 8, examples >= 1",
+    )
     need(s.optimizer == "cma", "search.optimizer", f"expected cma, got {s.optimizer!r}")
     need(s.popsize >= 3, "search.popsize", f"expected a population of at least 3 (pycma's minimum; 4 from d = 300 on), got {s.popsize}")
     need(s.sigma0 > 0 and math.isfinite(s.sigma0), "search.sigma0", f"expected a finite step size > 0, got {s.sigma0}")
     need(s.digest_every >= 1, "search.digest_every", f"expected >= 1, got {s.digest_every}")
-    need(s.fitness_shaping in ("none", "centered_ranks"), "search.fitness_shaping", f"expected none or centered_ranks, got {s.fitness_shaping!r}")
+    need(
+        s.fitness_shaping in ("none", "centered_ranks"),
+        "search.fitness_shaping",
+        f"expected none or centered_ranks, got {s.fitness_shaping!r}",
+    )
     need(b.name in BACKEND_NAMES, "backend.name", f"expected one of {BACKEND_NAMES}, got {b.name!r}{_suggest(b.name, list(BACKEND_NAMES))}")
     need(b.max_new_tokens >= 1, "backend.max_new_tokens", f"expected >= 1, got {b.max_new_tokens}")
     need(b.temperature >= 0, "backend.temperature", f"expected >= 0, got {b.temperature}")
@@ -381,28 +411,59 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     need(b.tensor_parallel_size >= 1, "backend.tensor_parallel_size", f"expected >= 1, got {b.tensor_parallel_size}")
     need(b.max_batch_sequences >= 1, "backend.max_batch_sequences", f"expected >= 1, got {b.max_batch_sequences}")
     need(b.fake_function in ("sphere", "rosenbrock"), "backend.fake_function", f"expected sphere or rosenbrock, got {b.fake_function!r}")
-    need(b.fake_dim >= 1 and b.fake_noise >= 0 and b.fake_sleep_s >= 0, "backend.fake_dim", "expected fake_dim >= 1, fake_noise >= 0, fake_sleep_s >= 0")
-    need(b.name != "fake" or t.name in ("fake", "arithmetic"), "task.name", "backend.name=fake scores candidates analytically; use task.name=fake (or leave the default)")
-    need(t.name in TASK_NAMES or _is_plugin(t.name), "task.name",
-         f"expected one of {TASK_NAMES} or package.module:function, got {t.name!r}{_suggest(t.name, list(TASK_NAMES))}")
+    need(
+        b.fake_dim >= 1 and b.fake_noise >= 0 and b.fake_sleep_s >= 0,
+        "backend.fake_dim",
+        "expected fake_dim >= 1, fake_noise >= 0, fake_sleep_s >= 0",
+    )
+    need(
+        b.name != "fake" or t.name in ("fake", "arithmetic"),
+        "task.name",
+        "backend.name=fake scores candidates analytically; use task.name=fake (or leave the default)",
+    )
+    need(
+        t.name in TASK_NAMES or _is_plugin(t.name),
+        "task.name",
+        f"expected one of {TASK_NAMES} or package.module:function, got {t.name!r}{_suggest(t.name, list(TASK_NAMES))}",
+    )
     for pl in t.plugins:
         need(_is_plugin(pl), "task.plugins", f"expected package.module:function, got {pl!r}")
-    need(not t.plugin_weights or len(t.plugin_weights) == len(t.plugins), "task.plugin_weights",
-         f"expected {len(t.plugins)} weights (one per plugin), got {len(t.plugin_weights)}")
+    need(
+        not t.plugin_weights or len(t.plugin_weights) == len(t.plugins),
+        "task.plugin_weights",
+        f"expected {len(t.plugins)} weights (one per plugin), got {len(t.plugin_weights)}",
+    )
     need(t.batch_size >= 1, "task.batch_size", f"expected >= 1 prompts per candidate, got {t.batch_size}")
     need(1 <= t.digits <= 12, "task.digits", f"expected 1..12, got {t.digits}")
-    need(len(t.operations) >= 1 and all(o in ("+", "-", "*") for o in t.operations), "task.operations", f"expected a non-empty list from +, -, *, got {t.operations}")
+    need(
+        len(t.operations) >= 1 and all(o in ("+", "-", "*") for o in t.operations),
+        "task.operations",
+        f"expected a non-empty list from +, -, *, got {t.operations}",
+    )
     need(t.reward_timeout_s > 0, "task.reward_timeout_s", f"expected > 0, got {t.reward_timeout_s}")
-    need(t.name != "reward_model" or t.reward_model is not None, "task.reward_model", "task.name=reward_model needs the path of a reward model")
+    need(
+        t.name != "reward_model" or t.reward_model is not None,
+        "task.reward_model",
+        "task.name=reward_model needs the path of a reward model",
+    )
     need(t.ifeval_reward in ("instruction", "prompt"), "task.ifeval_reward", f"expected instruction or prompt, got {t.ifeval_reward!r}")
-    need(t.reward_normalization in ("none", "zscore"), "task.reward_normalization", f"expected none or zscore, got {t.reward_normalization!r}")
+    need(
+        t.reward_normalization in ("none", "zscore"),
+        "task.reward_normalization",
+        f"expected none or zscore, got {t.reward_normalization!r}",
+    )
     need(t.reward_batch_size >= 1, "task.reward_batch_size", f"expected >= 1, got {t.reward_batch_size}")
     need(e.every >= 0, "eval.every", f"expected >= 0 (0 = only at the end), got {e.every}")
     need(e.k >= 1 and e.size >= 1, "eval.k", f"expected k >= 1 and size >= 1, got k={e.k}, size={e.size}")
     need(e.k == 1 or e.temperature > 0, "eval.temperature", "eval.k > 1 samples the same prompt k times; set eval.temperature > 0")
     need(lg.checkpoint_every >= 1, "log.checkpoint_every", f"expected >= 1, got {lg.checkpoint_every}")
     if check_paths:
-        for key, value in (("lora.adapter", lo.adapter), ("task.path", t.path), ("task.val_path", t.val_path), ("task.reward_model", t.reward_model)):
+        for key, value in (
+            ("lora.adapter", lo.adapter),
+            ("task.path", t.path),
+            ("task.val_path", t.val_path),
+            ("task.reward_model", t.reward_model),
+        ):
             need(value is None or Path(value).exists(), key, f"no such file or folder: {value}")
         # A path-looking value must exist; "org/name" is a hub id, checked when the model loads.
         looks_local = m.path.startswith(("/", "./", "../", "~")) or m.path.endswith(".gguf") or m.path.count("/") > 1

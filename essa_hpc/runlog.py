@@ -17,6 +17,7 @@ phases are filled when generation g+1 is logged (the last row at close).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import time
@@ -36,7 +37,12 @@ SCHEMA_VERSION = 1
 
 def git_sha() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5).stdout.strip() or "unknown"
+        return (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+            ).stdout.strip()
+            or "unknown"
+        )
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
@@ -46,18 +52,26 @@ def library_versions() -> dict[str, str]:
 
     out = {}
     for name in ("torch", "transformers", "peft", "cma", "numpy", "h5py", "mpi4py", "vllm"):
-        try:
+        with contextlib.suppress(md.PackageNotFoundError):
             out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            pass
     return out
 
 
 class RunLog:
     """Append-only per-generation log; ``truncate`` rewinds it for a resume."""
 
-    def __init__(self, path: Path, *, config_json: str, world_size: int, hostnames: list[str], popsize: int,
-                 solution_length: int, metrics: Iterable[str], resume_gen: int | None = None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        config_json: str,
+        world_size: int,
+        hostnames: list[str],
+        popsize: int,
+        solution_length: int,
+        metrics: Iterable[str],
+        resume_gen: int | None = None,
+    ) -> None:
         self.path = Path(path)
         self.popsize, self.dim, self.world = popsize, solution_length, world_size
         self.metrics = list(dict.fromkeys(metrics))
@@ -79,11 +93,15 @@ class RunLog:
         with open_live(self.path) as old:
             a = old.attrs
             if int(a["popsize"]) != self.popsize or int(a["solution_length"]) != self.dim:
-                raise ValueError(f"{self.path}: log was written with popsize {a['popsize']}, d {a['solution_length']}; "
-                                 f"this run has popsize {self.popsize}, d {self.dim}")
+                raise ValueError(
+                    f"{self.path}: log was written with popsize {a['popsize']}, d {a['solution_length']}; "
+                    f"this run has popsize {self.popsize}, d {self.dim}"
+                )
             if int(a["world_size"]) != self.world:
-                raise ValueError(f"{self.path}: log was written by {a['world_size']} ranks; resume with the same number "
-                                 f"of ranks (this job has {self.world})")
+                raise ValueError(
+                    f"{self.path}: log was written by {a['world_size']} ranks; resume with the same number "
+                    f"of ranks (this job has {self.world})"
+                )
             missing = [m for m in self.metrics if f"eval/{m}" not in old]
             if missing:
                 raise ValueError(f"{self.path}: log has no datasets for metrics {missing}")
@@ -106,15 +124,27 @@ class RunLog:
 
     def _create(self, config_json: str, hostnames: list[str]) -> None:
         f, lam, d, R = self.f, self.popsize, self.dim, self.world
-        f.attrs.update({
-            "config": config_json, "version": __version__, "schema_version": SCHEMA_VERSION, "git_sha": git_sha(),
-            "world_size": R, "hostnames": json.dumps(hostnames), "popsize": lam, "solution_length": d,
-            "started_at": _now(), "library_versions": json.dumps(library_versions()), "resumed_at": "",
-        })
+        f.attrs.update(
+            {
+                "config": config_json,
+                "version": __version__,
+                "schema_version": SCHEMA_VERSION,
+                "git_sha": git_sha(),
+                "world_size": R,
+                "hostnames": json.dumps(hostnames),
+                "popsize": lam,
+                "solution_length": d,
+                "started_at": _now(),
+                "library_versions": json.dumps(library_versions()),
+                "resumed_at": "",
+            }
+        )
         g = f.create_group("gen")
 
         def ds(grp: h5py.Group, name: str, shape: tuple[int, ...], dtype: Any) -> h5py.Dataset:
-            return grp.create_dataset(name, shape=(0, *shape), maxshape=(None, *shape), dtype=dtype, chunks=(64, *shape) if shape else (256,))
+            return grp.create_dataset(
+                name, shape=(0, *shape), maxshape=(None, *shape), dtype=dtype, chunks=(64, *shape) if shape else (256,)
+            )
 
         ds(g, "rewards", (lam,), np.float64)
         ds(g, "seeds", (lam,), np.uint64)
@@ -139,14 +169,35 @@ class RunLog:
     def generations(self) -> int:
         return int(self.f["gen/sigma"].shape[0])
 
-    def append_generation(self, *, rewards: np.ndarray, seeds: np.ndarray, sigma: float, wall_time: float,
-                          timings: np.ndarray, tokens: np.ndarray, failures: int, timeouts: int, digest: bytes,
-                          prev_late_timings: np.ndarray | None = None) -> None:
+    def append_generation(
+        self,
+        *,
+        rewards: np.ndarray,
+        seeds: np.ndarray,
+        sigma: float,
+        wall_time: float,
+        timings: np.ndarray,
+        tokens: np.ndarray,
+        failures: int,
+        timeouts: int,
+        digest: bytes,
+        prev_late_timings: np.ndarray | None = None,
+    ) -> None:
         g = self.f["gen"]
         n = g["sigma"].shape[0]
-        row = {"rewards": rewards, "seeds": seeds, "sigma": sigma, "wall_time": wall_time, "timings": timings,
-               "tokens": tokens, "failures": failures, "timeouts": timeouts, "reward_mean": float(np.mean(rewards)),
-               "reward_max": float(np.max(rewards)), "digest": digest}
+        row = {
+            "rewards": rewards,
+            "seeds": seeds,
+            "sigma": sigma,
+            "wall_time": wall_time,
+            "timings": timings,
+            "tokens": tokens,
+            "failures": failures,
+            "timeouts": timeouts,
+            "reward_mean": float(np.mean(rewards)),
+            "reward_max": float(np.max(rewards)),
+            "digest": digest,
+        }
         for name, value in row.items():
             ds = g[name]
             ds.resize(n + 1, axis=0)

@@ -29,7 +29,9 @@ def cli_env(tmp_path: Path | None = None) -> dict[str, str]:
     return env
 
 
-def run_cli(args: list[str], cwd: Path, ranks: int = 0, timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    args: list[str], cwd: Path, ranks: int = 0, timeout: float = 300, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """python -m essa_hpc.run ..., under a real mpiexec when ranks > 0."""
     cmd = [sys.executable, "-m", "essa_hpc.run", *args]
     if ranks:

@@ -23,41 +23,82 @@ def test_defaults_validate() -> None:
 
 def test_design_keys_exist() -> None:
     keys = set(all_keys())
-    design = """run.name run.dir run.seed run.generations run.time_budget_s model.path model.dtype model.quantization
-    model.gguf_file lora.adapter lora.rank lora.alpha_fraction lora.targets lora.init search.optimizer search.popsize
-    search.sigma0 search.diagonal search.digest_every backend.name backend.max_new_tokens backend.temperature
-    backend.top_p backend.tensor_parallel_size task.name task.path task.batch_size task.system_prompt eval.every
-    eval.k eval.split eval.size log.checkpoint_every""".split()
+    design = [
+        "run.name",
+        "run.dir",
+        "run.seed",
+        "run.generations",
+        "run.time_budget_s",
+        "model.path",
+        "model.dtype",
+        "model.quantization",
+        "model.gguf_file",
+        "lora.adapter",
+        "lora.rank",
+        "lora.alpha_fraction",
+        "lora.targets",
+        "lora.init",
+        "search.optimizer",
+        "search.popsize",
+        "search.sigma0",
+        "search.diagonal",
+        "search.digest_every",
+        "backend.name",
+        "backend.max_new_tokens",
+        "backend.temperature",
+        "backend.top_p",
+        "backend.tensor_parallel_size",
+        "task.name",
+        "task.path",
+        "task.batch_size",
+        "task.system_prompt",
+        "eval.every",
+        "eval.k",
+        "eval.split",
+        "eval.size",
+        "log.checkpoint_every",
+    ]
     assert not set(design) - keys
 
 
 def test_overrides_are_typed() -> None:
-    cfg = load_config(overrides=["search.popsize=48", "search.sigma0=1", "lora.targets=[q_proj, v_proj]",
-                                 "search.diagonal=false", "run.target_metric=accuracy", "run.target_value=0.5"])
+    cfg = load_config(
+        overrides=[
+            "search.popsize=48",
+            "search.sigma0=1",
+            "lora.targets=[q_proj, v_proj]",
+            "search.diagonal=false",
+            "run.target_metric=accuracy",
+            "run.target_value=0.5",
+        ]
+    )
     assert cfg.search.popsize == 48 and isinstance(cfg.search.sigma0, float) and cfg.search.sigma0 == 1.0
     assert cfg.lora.targets == ["q_proj", "v_proj"]
     assert cfg.search.diagonal is False
 
 
-@pytest.mark.parametrize("override,needle", [
-    ("search.popsize=1", "search.popsize"),
-    ("search.popsize=abc", "search.popsize: expected an integer"),
-    ("lora.alpha_fraction=0", "lora.alpha_fraction"),
-    ("lora.alpha_fraction=1.5", "lora.alpha_fraction"),
-    ("lora.alpha_fraction=0.1", "floor"),  # 0.1 * 8 rounds to zero searched values
-    ("lora.rank=0", "lora.rank"),
-    ("log.checkpoint_every=0", "log.checkpoint_every"),
-    ("eval.every=-1", "eval.every"),
-    ("search.digest_every=0", "search.digest_every"),
-    ("backend.name=vlm", "did you mean vllm"),
-    ("task.name=gsm8", "did you mean gsm8k"),
-    ("lora.adapter=/nonexistent/adapter", "no such file"),
-    ("task.path=/nonexistent.jsonl", "task.path"),
-    ("search.diagonal=maybe", "expected true or false"),
-    ("run.target_metric=accuracy", "go together"),
-    ("eval.k=4", "eval.temperature"),
-    ("search", "expected key=value"),
-])
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ("search.popsize=1", "search.popsize"),
+        ("search.popsize=abc", "search.popsize: expected an integer"),
+        ("lora.alpha_fraction=0", "lora.alpha_fraction"),
+        ("lora.alpha_fraction=1.5", "lora.alpha_fraction"),
+        ("lora.alpha_fraction=0.1", "floor"),  # 0.1 * 8 rounds to zero searched values
+        ("lora.rank=0", "lora.rank"),
+        ("log.checkpoint_every=0", "log.checkpoint_every"),
+        ("eval.every=-1", "eval.every"),
+        ("search.digest_every=0", "search.digest_every"),
+        ("backend.name=vlm", "did you mean vllm"),
+        ("task.name=gsm8", "did you mean gsm8k"),
+        ("lora.adapter=/nonexistent/adapter", "no such file"),
+        ("task.path=/nonexistent.jsonl", "task.path"),
+        ("search.diagonal=maybe", "expected true or false"),
+        ("run.target_metric=accuracy", "go together"),
+        ("eval.k=4", "eval.temperature"),
+        ("search", "expected key=value"),
+    ],
+)
 def test_bad_values_name_the_field(override: str, needle: str) -> None:
     with pytest.raises(ConfigError, match=None) as e:
         load_config(overrides=[override])
@@ -113,7 +154,9 @@ def test_describe_lists_every_key() -> None:
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "essa_hpc.run", *args], cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "essa_hpc.run", *args], cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=120
+    )
 
 
 def test_cli_bad_popsize_exits_2() -> None:

@@ -17,7 +17,7 @@ def test_assign_covers_every_prompt_of_every_candidate_once(lam: int, batch: int
     seen = np.zeros((lam, batch), dtype=int)
     for works in table:
         for w in works:
-            seen[w.cand, w.lo:w.hi] += 1
+            seen[w.cand, w.lo : w.hi] += 1
     assert (seen == 1).all()
     if lam >= world:  # round-robin, whole candidates
         assert all(w.lo == 0 and w.hi == batch for ws in table for w in ws)
@@ -52,7 +52,7 @@ def _records(table: list[list[dist.Work]], seeds: np.ndarray, values: np.ndarray
         for i, w in enumerate(works):
             recs[r, i]["valid"], recs[r, i]["cand"], recs[r, i]["part"] = 1, w.cand, w.part
             recs[r, i]["seed"], recs[r, i]["n"] = seeds[w.cand], w.hi - w.lo
-            recs[r, i]["reward_fx"] = dist.to_fixed(values[w.cand, w.lo:w.hi])
+            recs[r, i]["reward_fx"] = dist.to_fixed(values[w.cand, w.lo : w.hi])
     return recs
 
 

