@@ -32,11 +32,37 @@ from essa_hpc.dist import PHASES, RECORD, assign  # noqa: E402
 
 def one(d: int, lam: int, diagonal: bool, ranks: int, gens: int, out: Path) -> dict[str, float]:
     name = f"d{d}_l{lam}_{'sep' if diagonal else 'full'}_n{ranks}"
-    args = [sys.executable, "-m", "essa_hpc.run", "--set", "backend.name=fake", "--set", "task.name=fake",
-            "--set", f"backend.fake_dim={d}", "--set", f"search.popsize={lam}", "--set", f"search.diagonal={str(diagonal).lower()}",
-            "--set", "task.batch_size=4", "--set", f"run.generations={gens}", "--set", "eval.every=0", "--set", "eval.size=1",
-            "--set", "log.checkpoint_every=100000", "--set", "log.progress=false", "--set", f"run.dir={out}",
-            "--set", f"run.name={name}"]
+    args = [
+        sys.executable,
+        "-m",
+        "essa_hpc.run",
+        "--set",
+        "backend.name=fake",
+        "--set",
+        "task.name=fake",
+        "--set",
+        f"backend.fake_dim={d}",
+        "--set",
+        f"search.popsize={lam}",
+        "--set",
+        f"search.diagonal={str(diagonal).lower()}",
+        "--set",
+        "task.batch_size=4",
+        "--set",
+        f"run.generations={gens}",
+        "--set",
+        "eval.every=0",
+        "--set",
+        "eval.size=1",
+        "--set",
+        "log.checkpoint_every=100000",
+        "--set",
+        "log.progress=false",
+        "--set",
+        f"run.dir={out}",
+        "--set",
+        f"run.name={name}",
+    ]
     mpiexec = str(Path(sys.executable).parent / "mpiexec")
     cmd = [mpiexec, "-n", str(ranks), *args]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "OMPI_"))}
@@ -72,8 +98,15 @@ def main() -> None:
             for lam in (24, 96, 400):
                 for diagonal in (True, False):
                     if not diagonal and d > 1792:
-                        results.append({"d": d, "popsize": lam, "mode": "full", "skipped": "full CMA: d×d covariance and "
-                                        "O(d³) eigendecomposition (≈129 s at d = 7,168 on this CPU, bench_search.py)"})
+                        results.append(
+                            {
+                                "d": d,
+                                "popsize": lam,
+                                "mode": "full",
+                                "skipped": "full CMA: d×d covariance and "
+                                "O(d³) eigendecomposition (≈129 s at d = 7,168 on this CPU, bench_search.py)",
+                            }
+                        )
                         continue
                     for ranks in (1, 4):
                         gens = 12 if diagonal else 6

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import functools
 import hashlib
 import json
 import math
@@ -33,7 +34,7 @@ class ConfigError(ValueError):
 def _f(default: Any, doc: str, **kw: Any) -> Any:
     """A dataclass field carrying its documentation (shown by --help-config)."""
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: copy.deepcopy(d), metadata={"doc": doc}, **kw)
+        return field(default_factory=functools.partial(copy.deepcopy, default), metadata={"doc": doc}, **kw)
     return field(default=default, metadata={"doc": doc}, **kw)
 
 
@@ -98,7 +99,10 @@ class SftSection:
 class SearchSection:
     optimizer: str = _f("cma", "Optimizer name; cma (pycma) is the one implemented.")
     popsize: int = _f(16, "CMA-ES population λ (CPU default; paper Table 7: 24-96 on GPUs).")
-    sigma0: float = _f(0.15, "Initial CMA step size in units of the parametrization; relative: 0.15 moves each searched σ by ~15% of its factor's mean (measured on the default: 0.3 cost a third of the SFT accuracy per candidate, a uniform ±0.5 cost 15%, +1.0 collapsed it).")
+    sigma0: float = _f(
+        0.15,
+        "Initial CMA step size in units of the parametrization; relative: 0.15 moves each searched σ by ~15% of its factor's mean (measured on the default: 0.3 cost a third of the SFT accuracy per candidate, a uniform ±0.5 cost 15%, +1.0 collapsed it).",
+    )
     diagonal: bool = _f(True, "sep-CMA (diagonal covariance): linear cost in d; full CMA is O(d²) memory and O(d³) per eigendecomposition.")
     digest_every: int = _f(1, "Compare a hash of the optimizer state across ranks every this many generations.")
     digest_repair: bool = _f(False, "On a digest mismatch, copy rank 0's state instead of stopping the job.")
@@ -234,7 +238,8 @@ def describe() -> str:
     for sec, cls in _section_types().items():
         lines.append(f"[{sec}]")
         for f in dataclasses.fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            factory = f.default_factory
+            default = factory() if callable(factory) else f.default
             lines.append(f"  {sec}.{f.name} = {default!r}\n      {f.metadata.get('doc', '')}")
     return "\n".join(lines)
 

@@ -258,7 +258,7 @@ def combine(recs: np.ndarray, popsize: int) -> tuple[np.ndarray, np.ndarray, np.
         c = int(rec["cand"])
         total[c] += int(rec["reward_fx"])
         n[c] += int(rec["n"])
-    mean = np.array([float(t) / FIXED_POINT / max(1, k) for t, k in zip(total, n)], dtype=np.float64)
+    mean = np.array([float(t) / FIXED_POINT / max(1, int(k)) for t, k in zip(total, n)], dtype=np.float64)
     tokens = np.zeros(recs.shape[0], dtype=np.int64)
     for r in range(recs.shape[0]):
         tokens[r] = int(recs[r]["tokens"][recs[r]["valid"] == 1].sum())

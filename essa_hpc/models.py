@@ -153,7 +153,7 @@ def load(section: ModelSection) -> Loaded:
         model = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_file, dtype=dtype)
     except OSError as e:
         raise ModelError(f"model.path={section.path}: cannot load ({e.__class__.__name__}: {str(e).splitlines()[0]})") from None
-    model.to(device)
+    model.to(device)  # type: ignore[arg-type]
     model.eval()
     model.requires_grad_(False)
     return Loaded(model=model, tokenizer=tok, device=device, source=source)

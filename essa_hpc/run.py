@@ -221,6 +221,7 @@ def build_evaluator(cfg: Config, comm: dist.Comm) -> Evaluator:
     comm.barrier()
     loaded = models.load(cfg.model)
     train, val = task.train(), task.validation()
+    adapter: Path | None
     if cfg.lora.adapter:
         adapter = Path(cfg.lora.adapter)
     elif cfg.lora.init == "sft":
@@ -231,7 +232,7 @@ def build_evaluator(cfg: Config, comm: dist.Comm) -> Evaluator:
             adapter = sft.cached_sft_adapter(cfg, loaded, train, task.system_prompt, log=print)
         adapter = Path(comm.bcast(str(adapter)))
     else:
-        adapter = None  # type: ignore[assignment]
+        adapter = None
     if adapter is not None:
         svd = svd_lora.from_peft_dir(
             adapter, cfg.lora.alpha_fraction, cfg.lora.parametrization, model=loaded.model, targets=cfg.lora.targets
@@ -323,7 +324,8 @@ def run(cfg: Config, comm: dist.Comm, resume: bool = False) -> int:
     mine, slots = table[comm.rank], max(1, max(len(w) for w in table))
     primary = ev.metric_names[0]
 
-    start_gen, elapsed0, best = 0, 0.0, {"value": -math.inf, "vector": None, "gen": -1}
+    start_gen, elapsed0 = 0, 0.0
+    best: dict[str, Any] = {"value": -math.inf, "vector": None, "gen": -1}
     evals_done: list[tuple[int, dict[str, float]]] = []
     if resuming:
         state = checkpoint.load(run_dir, cfg.digest())
@@ -462,6 +464,7 @@ def run(cfg: Config, comm: dist.Comm, resume: bool = False) -> int:
         target_hit = (
             cfg.run.target_metric is not None
             and metrics_now is not None
+            and cfg.run.target_value is not None
             and metrics_now.get(cfg.run.target_metric, -math.inf) >= cfg.run.target_value
         )
         tc = time.perf_counter()

