@@ -1,14 +1,16 @@
 """Evaluate a model (optionally with a PEFT LoRA adapter) on a task's validation split.
 
     python -m essa_hpc.evaluate --task gsm8k [--adapter runs/x/adapter] [--size 200] [--k 4 --temperature 0.7]
-                                [--config FILE.yaml] [--set key=value ...] [--out metrics.json] [--samples out.jsonl]
+                                [--compare [--sft adapters/sft]] [--config FILE.yaml] [--set key=value ...]
+                                [--out metrics.json] [--samples out.jsonl]
 
 It loads the model (model.*), builds the task exactly as a run does (``make_task``), generates k
 completions per validation prompt with the configured backend (hf or vllm) and prints the metrics
 of essa_hpc.metrics as one JSON object: accuracy, mean reward, avg@k, pass@k. Sampling seeds are
 the run loop's validation seeds, so the metrics of a run's final adapter match its last validation.
 Under mpiexec the prompts are sharded over ranks and rank 0 prints. ``--samples`` writes every
-(prompt id, sample, completion, reward) as JSON Lines.
+(prompt id, sample, completion, reward) as JSON Lines. ``--compare`` adds the base model's (and the
+SFT adapter's, with ``--sft``) metrics on the same prompts and seeds under "comparison".
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, help="backend.max_new_tokens")
     p.add_argument("--out", help="also write the metrics JSON to this file")
     p.add_argument("--samples", help="write every completion with its reward to this JSONL file")
+    p.add_argument("--compare", action="store_true", help="also score the base model alone (and --sft) on the same prompts and seeds")
+    p.add_argument("--sft", help="with --compare: the SFT warm-start adapter to score as well")
     return p.parse_args(argv)
 
 
@@ -129,8 +133,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         if comm.rank == 0:
             print(f"essa-evaluate: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    report: dict[str, Any] = {"task": cfg.task.name, "adapter": cfg.lora.adapter, **result}
+    if args.compare:
+        # the same prompts and sampling seeds, so the differences are the adapters' alone
+        others = [("base", None)] + ([("sft", args.sft)] if args.sft else [])
+        try:
+            report["comparison"] = {label: evaluate(cfg.replace(**{"lora.adapter": path}), comm) for label, path in others}
+        except ValueError as e:
+            if comm.rank == 0:
+                print(f"essa-evaluate: {e}", file=sys.stderr)
+            return EXIT_BAD_INPUT
     if comm.rank == 0:
-        text = json.dumps({"task": cfg.task.name, "adapter": cfg.lora.adapter, **result}, sort_keys=True)
+        text = json.dumps(report, sort_keys=True)
         print(text)
         if args.out:
             Path(args.out).write_text(text + "\n")

@@ -84,6 +84,7 @@ def test_embedded_default_end_to_end(tmp_path: Path) -> None:
             str(run / "adapter"),
             "--size",
             "8",
+            "--compare",
             "--out",
             str(out),
         ],
@@ -94,4 +95,6 @@ def test_embedded_default_end_to_end(tmp_path: Path) -> None:
         timeout=900,
     )
     assert e.returncode == 0, e.stderr[-3000:]
-    assert out.exists()
+    report = json.loads(out.read_text())
+    assert 0 <= report["accuracy"] <= 1 and set(report["comparison"]) == {"base"}
+    assert report["comparison"]["base"]["prompts"] == report["prompts"] == 8
