@@ -84,7 +84,7 @@ class RunLog:
         self.f.flush()
 
     def _rewrite_truncated(self, gen: int, config_json: str, hostnames: list[str]) -> None:
-        """Resume: copy generations < gen (and validations before them) into a fresh file, then rename.
+        """Resume: copy generations < gen (and the validations logged up to the checkpoint) into a fresh file, then rename.
 
         Rewriting instead of editing in place works even when the crashed writer left the file's SWMR
         consistency flags set, and the old log stays intact until the new one is complete.
@@ -114,7 +114,7 @@ class RunLog:
                 rows = ds[: min(gen, ds.shape[0])]
                 self.f["gen"][name].resize(rows.shape[0], axis=0)
                 self.f["gen"][name][...] = rows
-            keep = int(np.sum(old["eval/gen"][:] <= gen - 1))
+            keep = int(np.sum(old["eval/gen"][:] <= gen))  # validation at g runs after generation g, before its checkpoint
             for name in self.f["eval"]:
                 rows = old["eval"][name][:keep]
                 self.f["eval"][name].resize(keep, axis=0)
