@@ -159,6 +159,26 @@ def load(section: ModelSection) -> Loaded:
     return Loaded(model=model, tokenizer=tok, device=device, source=source)
 
 
+def load_skeleton(section: ModelSection) -> Loaded:
+    """Tokenizer + the model's module tree on the meta device: shapes, no weights.
+
+    For backends that load the weights themselves (vllm): the SVD-LoRA needs only module names and
+    shapes, and materializing a 72B checkpoint in transformers first would run out of memory.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    source, gguf_file = resolve_source(section)
+    try:
+        tok = load_tokenizer(source, gguf_file)
+        config = AutoConfig.from_pretrained(source, gguf_file=gguf_file)
+    except OSError as e:
+        raise ModelError(f"model.path={section.path}: cannot load ({e.__class__.__name__}: {str(e).splitlines()[0]})") from None
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    model.requires_grad_(False)
+    return Loaded(model=model, tokenizer=tok, device=torch.device("meta"), source=source)
+
+
 def render_chat(tokenizer: Any, user: str, system: str | None = None) -> str:
     """The prompt text the model sees: the chat template with an optional system prompt.
 

@@ -219,7 +219,8 @@ def build_evaluator(cfg: Config, comm: dist.Comm) -> Evaluator:
     if comm.rank == 0:
         models.resolve_source(cfg.model)  # converts the embedded GGUF once (atomic), before others load
     comm.barrier()
-    loaded = models.load(cfg.model)
+    # vllm loads the weights itself: give it only the tokenizer and the module shapes the SVD-LoRA needs
+    loaded = models.load_skeleton(cfg.model) if cfg.backend.name == "vllm" else models.load(cfg.model)
     train, val = task.train(), task.validation()
     adapter: Path | None
     if cfg.lora.adapter:
@@ -229,7 +230,9 @@ def build_evaluator(cfg: Config, comm: dist.Comm) -> Evaluator:
 
         adapter = Path()
         if comm.rank == 0:
-            adapter = sft.cached_sft_adapter(cfg, loaded, train, task.system_prompt, log=print)
+            trainable = models.load(cfg.model) if cfg.backend.name == "vllm" else loaded  # SFT needs real weights
+            adapter = sft.cached_sft_adapter(cfg, trainable, train, task.system_prompt, log=print)
+            del trainable
         adapter = Path(comm.bcast(str(adapter)))
     else:
         adapter = None

@@ -70,3 +70,16 @@ def test_embedded_default_loads_and_chats() -> None:
     out = loaded.model.generate(**enc, max_new_tokens=12, do_sample=False)
     text = loaded.tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     assert len(text.strip()) > 0
+
+
+def test_skeleton_has_shapes_but_no_weights(tmp_path) -> None:
+    from essa_hpc import svd_lora
+
+    models.save_tiny_model(tmp_path / "m")
+    sk = models.load_skeleton(ModelSection(path=str(tmp_path / "m")))
+    assert all(p.device.type == "meta" for p in sk.model.parameters())
+    shapes = svd_lora.target_linears(sk.model, ["q_proj", "v_proj"])
+    assert len(shapes) == 4 and shapes["model.layers.0.self_attn.q_proj"] == (32, 32)
+    svd = svd_lora.random_init(sk.model, 4, 8.0, ["q_proj", "v_proj"], seed=0)
+    assert svd.solution_length == 4 * 2 * 4
+    assert sk.tokenizer.decode(sk.tokenizer("hi")["input_ids"]) == "hi"
