@@ -9,6 +9,7 @@ depend on what else is in the batch (DESIGN.md invariant).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -39,3 +40,44 @@ class Backend(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class GenerationArgs:
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    ignore_eos: bool
+
+
+def resolve_generation(
+    defaults: GenerationArgs,
+    requests: Sequence[Request],
+    n_candidates: int,
+    max_new_tokens: int | None = None,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    ignore_eos: bool | None = None,
+) -> GenerationArgs:
+    """A backend's defaults with a call's overrides, checked, and every request checked against them.
+
+    Shared by the backends so that one bad value or request gets the same message whichever backend runs.
+    """
+    args = GenerationArgs(
+        defaults.max_new_tokens if max_new_tokens is None else int(max_new_tokens),
+        defaults.temperature if temperature is None else float(temperature),
+        defaults.top_p if top_p is None else float(top_p),
+        defaults.ignore_eos if ignore_eos is None else bool(ignore_eos),
+    )
+    if args.max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens: expected >= 1, got {args.max_new_tokens}")
+    if args.temperature < 0 or not math.isfinite(args.temperature):
+        raise ValueError(f"temperature: expected >= 0, got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise ValueError(f"top_p: expected 0 < top_p <= 1, got {args.top_p}")
+    for i, r in enumerate(requests):
+        if not 0 <= int(r.candidate) < n_candidates:
+            raise ValueError(f"request {i}: candidate {r.candidate} out of range; {n_candidates} candidate vectors were given")
+        if int(r.seed) < 0:
+            raise ValueError(f"request {i}: seed {r.seed} is negative; sampling seeds are integers >= 0")
+    return args

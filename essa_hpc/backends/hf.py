@@ -42,7 +42,6 @@ population on the tiny model, and bench/bench_eval.py on the embedded model.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -51,7 +50,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from essa_hpc.backends.base import Completion, Request
+from essa_hpc.backends.base import Completion, GenerationArgs, Request, resolve_generation
 from essa_hpc.svd_lora import LoraModuleSVD, SvdLora
 
 COMPACT_FRACTION = 0.25  # drop finished rows from the batch once this fraction of the active rows is done
@@ -305,22 +304,9 @@ class HFBackend:
         if len(requests) == 0:
             return []
         X = self.check_vectors(vectors, len(requests))
-        max_new = self.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
-        temp = self.temperature if temperature is None else float(temperature)
-        tp = self.top_p if top_p is None else float(top_p)
-        no_eos = self.ignore_eos if ignore_eos is None else bool(ignore_eos)
-        if max_new < 1:
-            raise ValueError(f"max_new_tokens: expected >= 1, got {max_new}")
-        if temp < 0 or not math.isfinite(temp):
-            raise ValueError(f"temperature: expected >= 0, got {temp}")
-        if not 0 < tp <= 1:
-            raise ValueError(f"top_p: expected 0 < top_p <= 1, got {tp}")
-        n = X.shape[0]
-        for i, r in enumerate(requests):
-            if not 0 <= int(r.candidate) < n:
-                raise ValueError(f"request {i}: candidate {r.candidate} out of range; {n} candidate vectors were given")
-            if int(r.seed) < 0:
-                raise ValueError(f"request {i}: seed {r.seed} is negative; sampling seeds are integers >= 0")
+        defaults = GenerationArgs(self.max_new_tokens, self.temperature, self.top_p, self.ignore_eos)
+        g = resolve_generation(defaults, requests, X.shape[0], max_new_tokens, temperature, top_p, ignore_eos)
+        max_new, temp, tp, no_eos = g.max_new_tokens, g.temperature, g.top_p, g.ignore_eos
         ids = self._tokenize([r.prompt for r in requests])
         for i, t in enumerate(ids):
             if len(t) == 0:
