@@ -119,6 +119,12 @@ def candidate_seed(run_seed: int, gen: int, cand: int) -> int:
     return splitmix64(run_seed, gen, cand, 0xC4)
 
 
+def validation_seed(run_seed: int, prompt_index: int, sample: int) -> int:
+    """Seed of validation sample `sample` of prompt `prompt_index`: the same in every validation of a run
+    and in `essa_hpc.evaluate`, so a final adapter's standalone metrics match its last validation."""
+    return sample_seed(splitmix64(run_seed, 0xE7A1), prompt_index, sample)
+
+
 def sample_seed(cand_seed: int, prompt_index: int, sample: int = 0) -> int:
     """Seed of one (generation, candidate, prompt, sample): independent of how work was dealt."""
     return splitmix64(cand_seed, prompt_index, sample) & ((1 << 63) - 1)

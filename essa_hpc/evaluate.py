@@ -89,11 +89,11 @@ def evaluate(cfg: Any, comm: Any = None, samples_path: str | None = None) -> dic
     if context:
         check_prompt_lengths(exs, loaded.tokenizer, task.system_prompt, context, cfg.backend.max_new_tokens)
     lo, hi = dist.shard(len(exs), comm.size, comm.rank)
-    base = dist.splitmix64(cfg.run.seed, 0xE7A1)  # the run loop's validation seeds (run.validate)
     k = cfg.eval.k
     items = [(i, s) for i in range(lo, hi) for s in range(k)]
     reqs = [
-        Request(0, models.render_chat(loaded.tokenizer, exs[i].prompt, task.system_prompt), dist.sample_seed(base, i, s)) for i, s in items
+        Request(0, models.render_chat(loaded.tokenizer, exs[i].prompt, task.system_prompt), dist.validation_seed(cfg.run.seed, i, s))
+        for i, s in items  # the run loop's validation seeds
     ]
     vectors = np.zeros((1, backend.solution_length))
     outs = backend.generate(vectors, reqs, temperature=cfg.eval.temperature) if reqs else []

@@ -289,8 +289,7 @@ def validate(ev: Evaluator, cfg: Config, comm: dist.Comm, vec: np.ndarray) -> di
     """Validation of one vector, sharded over ranks; identical metrics on every rank."""
     exs = list(ev.validation)[: cfg.eval.size]
     lo, hi = dist.shard(len(exs), comm.size, comm.rank)
-    base = dist.splitmix64(cfg.run.seed, 0xE7A1)
-    items = [(0, exs[i], dist.sample_seed(base, i, s)) for i in range(lo, hi) for s in range(cfg.eval.k)]
+    items = [(0, exs[i], dist.validation_seed(cfg.run.seed, i, s)) for i in range(lo, hi) for s in range(cfg.eval.k)]
     values, *_ = score(ev, vec[None, :], items, temperature=cfg.eval.temperature)
     mine = [values[j * cfg.eval.k : (j + 1) * cfg.eval.k].tolist() for j in range(hi - lo)]
     per_prompt = [row for part in comm.allgather(mine) for row in part]
