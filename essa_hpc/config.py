@@ -77,7 +77,10 @@ class LoraSection:
     )
     rank: int = _f(8, "LoRA rank r (for init: sft / random; an adapter brings its own).")
     lora_alpha: float = _f(16.0, "LoRA scaling numerator; the update is (lora_alpha / r) * B A.")
-    alpha_fraction: float = _f(0.25, "ESSA's α: the top floor(α·r) singular values of each factor are searched.")
+    alpha_fraction: float = _f(
+        0.125,
+        "ESSA's α: the top floor(α·r) singular values of each factor are searched (default: the top one of r = 8, d = 240 on the embedded default; fewer coordinates let a short CPU run move them).",
+    )
     targets: list[str] = _f(["q_proj", "k_proj", "v_proj", "o_proj"], "Module names the LoRA adapts.")
     parametrization: str = _f(
         "relative",
@@ -87,7 +90,10 @@ class LoraSection:
 
 @dataclass(frozen=True)
 class SftSection:
-    steps: int = _f(10, "Optimizer steps (0 = use epochs). The default is a deliberately short warm start: ESSA searches from it.")
+    steps: int = _f(
+        3,
+        "Optimizer steps (0 = use epochs). The default is a deliberately short warm start (3 steps of 16 teach the \\boxed{} format: 94% boxed, ~43% right on the embedded default); ESSA searches from it.",
+    )
     epochs: float = _f(1.0, "Passes over the SFT examples when steps = 0.")
     learning_rate: float = _f(2e-3, "AdamW learning rate.")
     batch_size: int = _f(16, "Examples per optimizer step.")
@@ -100,8 +106,8 @@ class SearchSection:
     optimizer: str = _f("cma", "Optimizer name; cma (pycma) is the one implemented.")
     popsize: int = _f(16, "CMA-ES population λ (CPU default; paper Table 7: 24-96 on GPUs).")
     sigma0: float = _f(
-        0.15,
-        "Initial CMA step size in units of the parametrization; relative: 0.15 moves each searched σ by ~15% of its factor's mean (measured on the default: 0.3 cost a third of the SFT accuracy per candidate, a uniform ±0.5 cost 15%, +1.0 collapsed it).",
+        1.0,
+        "Initial CMA step size in units of the parametrization; relative: 1.0 moves each searched σ by about its factor's mean. Measured on the embedded default (greedy): random candidates at 0.3 changed no answer at all, at 1.0 ~10% of answers (mean cost ~2 points, best candidates +3-9), at 1.5 15%.",
     )
     diagonal: bool = _f(True, "sep-CMA (diagonal covariance): linear cost in d; full CMA is O(d²) memory and O(d³) per eigendecomposition.")
     digest_every: int = _f(1, "Compare a hash of the optimizer state across ranks every this many generations.")
@@ -119,6 +125,13 @@ class BackendSection:
     tensor_parallel_size: int = _f(1, "GPUs per rank (vllm).")
     max_batch_sequences: int = _f(256, "Cap on sequences per forward pass (hf); larger populations are chunked.")
     gpu_memory_utilization: float = _f(0.85, "vllm: fraction of GPU memory for the engine.")
+    max_loras: int = _f(
+        0,
+        "vllm: adapters resident in the engine at once; 0 = this rank's candidates (ceil(λ / ranks)), so every candidate is served in one generate call. Fewer saves GPU memory; vLLM then swaps adapters in and out within the call.",
+    )
+    max_model_len: int = _f(
+        0, "vllm: context length of the engine (prompt + generation); 0 = the model's. Lower it to fit the KV cache of long-context models."
+    )
     fake_function: str = _f("sphere", "fake backend: sphere or rosenbrock (reward = −f(x − shift)).")
     fake_dim: int = _f(64, "fake backend: solution length d.")
     fake_noise: float = _f(0.0, "fake backend: std of Gaussian noise per sample, seeded per (generation, candidate, sample).")
@@ -412,6 +425,8 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     need(b.name in BACKEND_NAMES, "backend.name", f"expected one of {BACKEND_NAMES}, got {b.name!r}{_suggest(b.name, list(BACKEND_NAMES))}")
     need(b.max_new_tokens >= 1, "backend.max_new_tokens", f"expected >= 1, got {b.max_new_tokens}")
     need(b.temperature >= 0, "backend.temperature", f"expected >= 0, got {b.temperature}")
+    need(b.max_loras >= 0, "backend.max_loras", f"expected >= 0 (0 = candidates per rank), got {b.max_loras}")
+    need(b.max_model_len >= 0, "backend.max_model_len", f"expected >= 0 (0 = the model's context), got {b.max_model_len}")
     need(0 < b.top_p <= 1, "backend.top_p", f"expected 0 < top_p <= 1, got {b.top_p}")
     need(b.tensor_parallel_size >= 1, "backend.tensor_parallel_size", f"expected >= 1, got {b.tensor_parallel_size}")
     need(b.max_batch_sequences >= 1, "backend.max_batch_sequences", f"expected >= 1, got {b.max_batch_sequences}")

@@ -55,7 +55,7 @@ def test_embedded_default_end_to_end(tmp_path: Path) -> None:
     with h5py.File(run / "log.h5", "r") as f:
         assert f["gen/rewards"].shape == (2, 4)
         assert f["eval/gen"][()].tolist() == [0, 1, 2]
-        assert f.attrs["solution_length"] == 30 * 4 * 2 * 2  # 30 layers × q,k,v,o × (k_A + k_B), r = 8, α = 0.25
+        assert f.attrs["solution_length"] == 30 * 4 * 2 * 1  # 30 layers × q,k,v,o × (k_A + k_B), r = 8, α = 0.125: k = 1
         assert np.isfinite(f["final/mean"][()]).all()
         cfg = json.loads(f.attrs["config"])
         assert cfg["model"]["path"] == "embedded:smollm2-135m-instruct"

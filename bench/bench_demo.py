@@ -1,0 +1,147 @@
+"""The embedded default's gain over its SFT start, per seed: the figures behind the README's demo claim.
+
+For each seed S, ``python -m essa_hpc.run --set run.seed=S`` (everything else the embedded default, in
+its own run directory) is timed end to end, and its summary.json gives the validation accuracy of the
+SFT adapter (x = 0, generation 0) and of the final mean. The validation split is also what the run
+picks ``adapter_best`` by, so a second check scores the SFT adapter and the final exported PEFT adapter
+(``adapter/``, loaded back from disk: what a user ships) on ``--fresh`` further questions of the same
+distribution that the run never saw (not in its validation split, not in its training split, from which
+the SFT examples and every minibatch come), greedy, paired: both adapters answer the same questions.
+
+    python bench/bench_demo.py                      # seeds 1234 (the default), 1, 2; writes bench/results/demo.json
+    python bench/bench_demo.py --seeds 7 --fresh 200
+
+Each seed is a full default run (~10 minutes on 2 CPU cores) plus the fresh check (~2 minutes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+FRESH_SALT = 0xF4E5
+SECTIONS = ("model", "lora", "sft", "search", "task", "run", "eval")
+
+
+def fresh_questions(cfg: Any, n: int) -> list[Any]:
+    """n arithmetic examples outside the run's validation and training splits (same distribution)."""
+    from essa_hpc.tasks import arithmetic
+
+    t = cfg.task
+    train, val = arithmetic.generate(cfg.run.seed, t.digits, list(t.operations), arithmetic.TRAIN_SIZE, cfg.eval.size)
+    seen = set(train) | set(val)
+    _, pool = arithmetic.generate(cfg.run.seed + FRESH_SALT, t.digits, list(t.operations), 0, n + len(seen))
+    picked = [q for q in pool if q not in seen][:n]
+    if len(picked) < n:
+        raise SystemExit(f"only {len(picked)} unseen questions exist for these task settings; lower --fresh")
+    return [arithmetic.make_example(*q) for q in picked]
+
+
+def score_adapter(cfg: Any, adapter: Path, examples: list[Any]) -> list[float]:
+    """Per-question rewards of the base model + this PEFT adapter, greedy (the run's validation settings)."""
+    import numpy as np
+
+    from essa_hpc import models, svd_lora
+    from essa_hpc.backends import Request, make_backend
+    from essa_hpc.tasks import make_task
+
+    task = make_task(cfg)
+    loaded = models.load(cfg.model)
+    svd = svd_lora.from_peft_dir(adapter, 1.0, cfg.lora.parametrization, model=loaded.model)
+    backend = make_backend(cfg, loaded, svd)
+    reqs = [Request(0, models.render_chat(loaded.tokenizer, e.prompt, task.system_prompt), i) for i, e in enumerate(examples)]
+    outs = backend.generate(np.zeros((1, svd.solution_length)), reqs, temperature=0.0)
+    backend.close()
+    return [float(v) for v in task.reward(examples, [o.text for o in outs]).values]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--seeds", default="1234,1,2")
+    ap.add_argument("--fresh", type=int, default=400, help="unseen questions for the second check (0: skip it)")
+    ap.add_argument("--workdir", default=None, help="where the run directories go (default: a temporary folder)")
+    ap.add_argument("--out", default=str(REPO / "bench" / "results" / "demo.json"))
+    args = ap.parse_args()
+
+    from essa_hpc import models, sft
+    from essa_hpc.config import load_config
+    from essa_hpc.tasks import make_task
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="essa-bench-demo-"))
+    results = []
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        name = f"seed{seed}"
+        over = [f"run.seed={seed}", f"run.dir={work}", f"run.name={name}"]
+        cmd = [sys.executable, "-m", "essa_hpc.run"] + [a for o in over for a in ("--set", o)]
+        t = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+        wall = time.perf_counter() - t
+        if proc.returncode != 0:
+            raise SystemExit(f"run for seed {seed} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+        summary = json.loads((work / name / "summary.json").read_text())
+        evals = [(int(g), m["accuracy"]) for g, m in summary["evals"]]
+        row: dict[str, Any] = {
+            "seed": seed,
+            "wall_s": wall,
+            "validation_accuracy": evals,
+            "validation_prompts": load_config(None, over).eval.size,
+            "start": evals[0][1],
+            "final": evals[-1][1],
+            "gain_points": 100 * (evals[-1][1] - evals[0][1]),
+        }
+        if args.fresh:
+            cfg = load_config(None, over)
+            task = make_task(cfg)
+            loaded = models.load(cfg.model)
+            sft_dir = sft.cached_sft_adapter(cfg, loaded, task.train(), task.system_prompt, log=lambda *_: None)
+            del loaded
+            fresh = fresh_questions(cfg, args.fresh)
+            r_sft = score_adapter(cfg, sft_dir, fresh)
+            r_fin = score_adapter(cfg, work / name / "adapter", fresh)
+            n = len(fresh)
+            row["fresh"] = {
+                "questions": n,
+                "sft": sum(r_sft) / n,
+                "final": sum(r_fin) / n,
+                "gain_points": 100 * (sum(r_fin) - sum(r_sft)) / n,
+                "only_final_right": sum(1 for a, b in zip(r_sft, r_fin) if b > a),
+                "only_sft_right": sum(1 for a, b in zip(r_sft, r_fin) if a > b),
+            }
+        results.append(row)
+        print(json.dumps(row), flush=True)
+
+    gains = [r["gain_points"] for r in results]
+    out: dict[str, Any] = {
+        "benchmark": "embedded default (python -m essa_hpc.run, no other arguments) per seed: "
+        "held-out accuracy of the SFT start vs after ESSA",
+        "config": {k: v for k, v in json.loads(load_config(None).to_json()).items() if k in SECTIONS},
+        "results": results,
+        "validation_gain_points": {"mean": sum(gains) / len(gains), "min": min(gains), "max": max(gains)},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "load_avg": os.getloadavg(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+        },
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    if args.fresh:
+        fg = [r["fresh"]["gain_points"] for r in results]
+        out["fresh_gain_points"] = {"mean": sum(fg) / len(fg), "min": min(fg), "max": max(fg)}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
