@@ -90,6 +90,8 @@ def test_overrides_are_typed() -> None:
         ("eval.every=-1", "eval.every"),
         ("search.digest_every=0", "search.digest_every"),
         ("backend.name=vlm", "did you mean vllm"),
+        ("backend.max_loras=-1", "backend.max_loras"),
+        ("backend.max_model_len=-5", "backend.max_model_len"),
         ("task.name=gsm8", "did you mean gsm8k"),
         ("lora.adapter=/nonexistent/adapter", "no such file"),
         ("task.path=/nonexistent.jsonl", "task.path"),
