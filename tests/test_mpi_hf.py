@@ -43,6 +43,8 @@ def hf_args(tiny_root: Path, out: Path, name: str, *extra: str) -> list[str]:
         "--set",
         "lora.rank=4",
         "--set",
+        "lora.alpha_fraction=0.25",  # one searched value per factor at r = 4
+        "--set",
         f"run.dir={out}",
         "--set",
         f"run.name={name}",
