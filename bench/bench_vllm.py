@@ -18,6 +18,9 @@ taken: they are CPU figures (2 shared cores); on a GPU the relative cost of the 
 
 Runs in .venv-vllm (``make vllm-env``); from .venv (``make bench``) it re-executes itself there, or
 says it is skipped when that environment is absent. Writes bench/results/vllm.json.
+
+The run loop's own shape (λ candidates × a minibatch each, e.g. 32 × 8 = 256 sequences, runs of 8 tokens
+of one adapter per decode step): ``--n 256 --lambdas 32 --repeats 1 --out bench/results/vllm_n256.json``.
 """
 
 from __future__ import annotations
