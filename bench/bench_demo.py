@@ -47,22 +47,14 @@ def fresh_questions(cfg: Any, n: int) -> list[Any]:
     return [arithmetic.make_example(*q) for q in picked]
 
 
-def score_adapter(cfg: Any, adapter: Path, examples: list[Any]) -> list[float]:
-    """Per-question rewards of the base model + this PEFT adapter, greedy (the run's validation settings)."""
-    import numpy as np
+def score_adapter(cfg: Any, adapter: Path, examples: list[Any], samples: Path) -> list[float]:
+    """Per-question rewards of the base model + this PEFT adapter (essa_hpc.evaluate, greedy), in order."""
+    from essa_hpc.evaluate import evaluate
 
-    from essa_hpc import models, svd_lora
-    from essa_hpc.backends import Request, make_backend
-    from essa_hpc.tasks import make_task
-
-    task = make_task(cfg)
-    loaded = models.load(cfg.model)
-    svd = svd_lora.from_peft_dir(adapter, 1.0, cfg.lora.parametrization, model=loaded.model)
-    backend = make_backend(cfg, loaded, svd)
-    reqs = [Request(0, models.render_chat(loaded.tokenizer, e.prompt, task.system_prompt), i) for i, e in enumerate(examples)]
-    outs = backend.generate(np.zeros((1, svd.solution_length)), reqs, temperature=0.0)
-    backend.close()
-    return [float(v) for v in task.reward(examples, [o.text for o in outs]).values]
+    evaluate(cfg.replace(**{"lora.adapter": str(adapter)}), samples_path=str(samples), examples=examples)
+    rows = [json.loads(line) for line in samples.read_text().splitlines()]
+    by_id = {r["id"]: float(r["reward"]) for r in rows}
+    return [by_id[e.id] for e in examples]
 
 
 def main() -> None:
@@ -106,8 +98,8 @@ def main() -> None:
             sft_dir = sft.cached_sft_adapter(cfg, loaded, task.train(), task.system_prompt, log=lambda *_: None)
             del loaded
             fresh = fresh_questions(cfg, args.fresh)
-            r_sft = score_adapter(cfg, sft_dir, fresh)
-            r_fin = score_adapter(cfg, work / name / "adapter", fresh)
+            r_sft = score_adapter(cfg, sft_dir, fresh, work / f"{name}-fresh-sft.jsonl")
+            r_fin = score_adapter(cfg, work / name / "adapter", fresh, work / f"{name}-fresh-final.jsonl")
             n = len(fresh)
             row["fresh"] = {
                 "questions": n,

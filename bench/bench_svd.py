@@ -37,17 +37,26 @@ TARGETS = list(SHAPES)
 TARGET_SETUP_S = 10.0
 
 
-def write_adapter(folder: Path, rank: int, seed: int = 0) -> int:
+def write_adapter(
+    folder: Path,
+    rank: int,
+    seed: int = 0,
+    shapes: dict[str, tuple[int, int]] = SHAPES,
+    layers: int = LAYERS,
+    b_scale: float = 1e-3,
+    base_model: str = "Qwen/Qwen2.5-7B",
+) -> int:
+    """A random rank-r PEFT adapter (A and B non-zero, like a trained one) on ``shapes`` of every layer; bytes written."""
     g = torch.Generator().manual_seed(seed)
     sd = {}
-    for layer in range(LAYERS):
-        for leaf, (m, n) in SHAPES.items():
+    for layer in range(layers):
+        for leaf, (m, n) in shapes.items():
             name = f"base_model.model.model.layers.{layer}.self_attn.{leaf}"
             sd[f"{name}.lora_A.weight"] = torch.randn(rank, n, generator=g) / n**0.5
-            sd[f"{name}.lora_B.weight"] = torch.randn(m, rank, generator=g) * 1e-3
+            sd[f"{name}.lora_B.weight"] = torch.randn(m, rank, generator=g) * b_scale
     folder.mkdir(parents=True, exist_ok=True)
     save_file(sd, str(folder / "adapter_model.safetensors"))
-    cfg = svd_lora.lora_config_dict(rank, 2 * rank, TARGETS, base_model_name_or_path="Qwen/Qwen2.5-7B")
+    cfg = svd_lora.lora_config_dict(rank, 2 * rank, list(shapes), base_model_name_or_path=base_model)
     (folder / "adapter_config.json").write_text(json.dumps(cfg))
     return sum(t.numel() * t.element_size() for t in sd.values())
 

@@ -57,27 +57,14 @@ def _reexec() -> None:
 
 
 def write_adapter(folder: Path, model_dir: Path, rank: int, seed: int = 0) -> Path:
-    """A random rank-r PEFT adapter (A and B non-zero, like a trained one) on q/k/v/o of every layer."""
-    import torch
-    from safetensors.torch import save_file
-
-    from essa_hpc import svd_lora
+    """bench_svd's random adapter, shaped for the model in model_dir (q/k/v/o of every layer)."""
+    from bench_svd import write_adapter as write_random_adapter
 
     c = json.loads((model_dir / "config.json").read_text())
-    h, layers = c["hidden_size"], c["num_hidden_layers"]
+    h = c["hidden_size"]
     kv = c.get("head_dim", h // c["num_attention_heads"]) * c["num_key_value_heads"]
     shapes = {"q_proj": (h, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, h)}
-    g = torch.Generator().manual_seed(seed)
-    sd = {}
-    for layer in range(layers):
-        for leaf, (m, n) in shapes.items():
-            name = f"base_model.model.model.layers.{layer}.self_attn.{leaf}"
-            sd[f"{name}.lora_A.weight"] = torch.randn(rank, n, generator=g) / n**0.5
-            sd[f"{name}.lora_B.weight"] = torch.randn(m, rank, generator=g) * 0.02
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(sd, str(folder / "adapter_model.safetensors"))
-    cfg = svd_lora.lora_config_dict(rank, 2 * rank, list(shapes), base_model_name_or_path=str(model_dir))
-    (folder / "adapter_config.json").write_text(json.dumps(cfg))
+    write_random_adapter(folder, rank, seed, shapes, c["num_hidden_layers"], 0.02, str(model_dir))
     return folder
 
 

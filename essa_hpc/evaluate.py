@@ -61,15 +61,15 @@ def overrides(args: argparse.Namespace) -> list[str]:
     return out
 
 
-def evaluate(cfg: Any, comm: Any = None, samples_path: str | None = None) -> dict[str, float]:
-    """Metrics of the model (plus cfg.lora.adapter, when set) on cfg's task validation split."""
+def evaluate(cfg: Any, comm: Any = None, samples_path: str | None = None, examples: Sequence[Any] | None = None) -> dict[str, float]:
+    """Metrics of the model (plus cfg.lora.adapter, when set) on cfg's task validation split, or on ``examples``."""
     from essa_hpc import dist, metrics, models
     from essa_hpc.backends import Request, make_backend
     from essa_hpc.tasks import check_prompt_lengths, make_task
 
     comm = comm or dist.init()
     task = make_task(cfg)
-    exs = list(task.validation())[: cfg.eval.size]
+    exs = list(examples) if examples is not None else list(task.validation())[: cfg.eval.size]
     if not exs:
         raise ValueError(f"task {cfg.task.name}: the validation split is empty")
     if cfg.backend.name == "fake":

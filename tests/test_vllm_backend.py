@@ -351,10 +351,14 @@ def test_make_backend_knows_vllm():
 # ------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.vllm
-@pytest.mark.slow
-@pytest.mark.timeout(1800)  # the first test also pays for the engine start (minutes on 2 shared cores)
-@needs_vllm
+def vllm_engine_test(fn):
+    """Marks of every test that reads the shared .venv-vllm run: vllm, slow, a timeout that covers the engine start."""
+    for mark in (needs_vllm, pytest.mark.timeout(1800), pytest.mark.slow, pytest.mark.vllm):
+        fn = mark(fn)
+    return fn
+
+
+@vllm_engine_test
 def test_population_in_one_call(vllm_out, setup):
     pop = vllm_out["population"]
     assert len(pop["texts"]) == N_CAND * N_PROMPTS and all(t > 0 for t in pop["tokens"])
@@ -365,10 +369,7 @@ def test_population_in_one_call(vllm_out, setup):
     assert set(pop["timings"]) >= {"export", "load", "generate", "cleanup"}
 
 
-@pytest.mark.vllm
-@pytest.mark.slow
-@pytest.mark.timeout(1800)  # the first test also pays for the engine start (minutes on 2 shared cores)
-@needs_vllm
+@vllm_engine_test
 def test_adapter_ids_are_never_stale(vllm_out, hf_out):
     s = vllm_out["stale"]
     assert s["raw_a"] != s["raw_b_fresh_id"], "A and B must give different completions for the test to mean anything"
@@ -379,10 +380,7 @@ def test_adapter_ids_are_never_stale(vllm_out, hf_out):
     assert s["backend_b"] == hf_out["stale_b"]  # and B is what the hf backend computes for B
 
 
-@pytest.mark.vllm
-@pytest.mark.slow
-@pytest.mark.timeout(1800)  # the first test also pays for the engine start (minutes on 2 shared cores)
-@needs_vllm
+@vllm_engine_test
 def test_greedy_agrees_with_hf(vllm_out, hf_out, setup):
     v, h = vllm_out["population"]["texts"], hf_out["texts"]
     exs = [setup["examples"][p] for _, p, _ in setup["requests"]]
@@ -407,20 +405,14 @@ def test_greedy_agrees_with_hf(vllm_out, hf_out, setup):
     assert report["contains_answer_match"] >= MIN_TEXT_AGREEMENT, report
 
 
-@pytest.mark.vllm
-@pytest.mark.slow
-@pytest.mark.timeout(1800)  # the first test also pays for the engine start (minutes on 2 shared cores)
-@needs_vllm
+@vllm_engine_test
 def test_seeded_sampling_is_per_request(vllm_out):
     s1, s2 = vllm_out["sampling"]["call1"], vllm_out["sampling"]["call2"]
     assert s1[0] == s2[2] and s1[2] == s2[1]  # same (candidate, prompt, seed), different call composition
     assert s1[0] != s1[1]  # another seed, another sample
 
 
-@pytest.mark.vllm
-@pytest.mark.slow
-@pytest.mark.timeout(1800)  # the first test also pays for the engine start (minutes on 2 shared cores)
-@needs_vllm
+@vllm_engine_test
 def test_stop_strings_cut(vllm_out):
     full = vllm_out["population"]["texts"][:4]  # candidate 0, prompts 0..3, no stop
     stop = vllm_out["stop"]
@@ -429,20 +421,14 @@ def test_stop_strings_cut(vllm_out):
         assert n_stop <= n_full
 
 
-@pytest.mark.vllm
-@pytest.mark.slow
-@pytest.mark.timeout(1800)  # the first test also pays for the engine start (minutes on 2 shared cores)
-@needs_vllm
+@vllm_engine_test
 def test_factory_and_cpu_lora_ops(vllm_out):
     e = vllm_out["engine"]
     assert e["max_loras"] == N_CAND and e["cpu_lora_ops_patched"]
     assert all(v < 1e-4 for v in vllm_out["ops"].values()), vllm_out["ops"]
 
 
-@pytest.mark.vllm
-@pytest.mark.slow
-@pytest.mark.timeout(1800)  # the first test also pays for the engine start (minutes on 2 shared cores)
-@needs_vllm
+@vllm_engine_test
 def test_close_removes_adapter_folder(vllm_out):
     c = vllm_out["close"]
     assert c["root"].startswith("/dev/shm/essa-") and not c["root_exists_after_close"]
