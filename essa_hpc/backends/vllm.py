@@ -319,6 +319,8 @@ class _Plan:
 
     A decode step calls the sgmv ops ~8 times per layer with the same metadata: the index tensors are
     built once (keyed by the metadata's values, so a stale plan is impossible) instead of per call.
+    For the batched path the tokens are grouped by active slot into a [k, L] grid (L = the largest
+    group; short groups padded with row 0, whose results are never read back).
     """
 
     def __init__(self, T: int, runs: list[tuple[int, int, int]], device: Any) -> None:
@@ -328,18 +330,27 @@ class _Plan:
         self.slots = sorted({lo for _, _, lo in runs})
         self.k = len(self.slots)
         self.covered = sum(n for _, n, _ in runs) == T  # every token has an adapter (no slot -1 rows)
-        idx = torch.full((T,), -1, dtype=torch.long, device=device)
+        idx = torch.full((T,), -1, dtype=torch.long)
         for s, n, lo in runs:
             idx[s : s + n] = lo
-        self.idx = idx
-        self.idx0 = idx.clamp(min=0)
-        self.none = None if self.covered else idx < 0
+        self.none = None if self.covered else (idx < 0).to(device)
         self.active = torch.tensor(self.slots, dtype=torch.long, device=device)
         # the active slots are 0..k-1 (vLLM fills slots in order): the stacked weights are a view, no copy
         self.prefix = self.slots == list(range(self.k))
-        pos = torch.searchsorted(self.active, self.idx0).clamp(max=max(0, self.k - 1))
-        self.rows = torch.arange(T, device=device)
-        self.pos = pos
+        groups: list[list[int]] = [[] for _ in self.slots]
+        where = {lo: p for p, lo in enumerate(self.slots)}
+        for s, n, lo in runs:
+            groups[where[lo]].extend(range(s, s + n))
+        self.L = max((len(g) for g in groups), default=0)
+        grid = torch.zeros((self.k, self.L), dtype=torch.long)
+        back = torch.zeros(T, dtype=torch.long)
+        for p, g in enumerate(groups):
+            grid[p, : len(g)] = torch.tensor(g, dtype=torch.long)
+            back[g] = p * self.L + torch.arange(len(g))
+        # groups already in token order with equal sizes: x is the grid as it is (a view, no gather)
+        self.identity = self.covered and self.k * self.L == T and bool((grid.view(-1) == torch.arange(T)).all())
+        self.grid = grid.view(-1).to(device)
+        self.back = back.to(device)
 
 
 _PLANS: dict[tuple[Any, ...], _Plan] = {}
@@ -360,13 +371,14 @@ def _plan(T: int, starts: Any, lens: Any, loras: Any, device: Any) -> _Plan:
 def _per_token(x: Any, w: Any, starts: Any, lens: Any, loras: Any, dtype: Any) -> Any:
     """Row t = x[t] @ W[slot of t]ᵀ (zero where the slot is -1). W: [slots, (1,) out, in].
 
-    Three ways, by cost: few or long runs of consecutive tokens with one adapter (prefill; any batch of
-    one adapter): one matmul per run, the FLOPs the math needs. Many short runs (decode steps with
-    several adapters; per-run matmuls would be mostly Python overhead), k distinct adapters: k ≤ in: one
-    GEMM of x against all k adapters, each row keeping its block (k× the FLOPs, T·k·out values; small
-    for a decode batch); k > in (the thin B factor, in = r): a per-token copy of W[slot] (T·out·in
-    values) and one bmm, vLLM's own method. Temporaries above LORA_TEMP_MAX: per run. The index
-    tensors come from the step's `_Plan`.
+    Two ways: few or long runs of consecutive tokens with one adapter (prefill; any batch of one
+    adapter): one matmul per run. Many short runs (decode steps with several adapters, where per-run
+    matmuls would be mostly Python overhead): the tokens grouped by adapter into a [k, L, in] grid and
+    ONE batched matmul against the k adapters' weights, read in place (transposed views, no per-token
+    weight copy): the FLOPs the math needs plus the padding of uneven groups. This replaced a GEMM
+    against all k adapters (k× the FLOPs) and vLLM's per-token weight copy (tokens × out × in values):
+    2-5× faster per op at 64 tokens over 32 adapters (see bench/results/vllm.json). Temporaries above
+    LORA_TEMP_MAX elements: per run.
     """
     import torch
 
@@ -374,18 +386,16 @@ def _per_token(x: Any, w: Any, starts: Any, lens: Any, loras: Any, dtype: Any) -
     x = x.to(dtype)
     T, o, i = x.shape[0], W.shape[1], W.shape[2]
     plan = _plan(T, starts, lens, loras, x.device)
-    runs, k = plan.runs, plan.k
-    if len(runs) <= 4 or T / max(1, len(runs)) >= SHORT_RUN or T * min(k, i) * o > LORA_TEMP_MAX:
+    runs, k, L = plan.runs, plan.k, plan.L
+    if len(runs) <= 4 or T / max(1, len(runs)) >= SHORT_RUN or k * L * max(o, i) > LORA_TEMP_MAX:
         y = x.new_zeros(T, o)
         for s, n, lo in runs:
             y[s : s + n] = x[s : s + n] @ W[lo].to(dtype).T
         return y
-    if k <= i:
-        Wk = W[:k] if plan.prefix else W.index_select(0, plan.active)
-        z = (x @ Wk.to(dtype).reshape(k * o, i).T).view(T, k, o)
-        y = z[plan.rows, plan.pos]
-    else:
-        y = torch.bmm(W.index_select(0, plan.idx0).to(dtype), x.unsqueeze(-1)).squeeze(-1)
+    Wk = W[:k] if plan.prefix else W.index_select(0, plan.active)
+    xg = x if plan.identity else x.index_select(0, plan.grid)
+    z = torch.bmm(xg.view(k, L, i), Wk.to(dtype).transpose(1, 2)).view(k * L, o)
+    y = z if plan.identity else z.index_select(0, plan.back)
     if plan.none is not None:
         y[plan.none] = 0
     return y
@@ -438,8 +448,8 @@ def patch_cpu_lora_ops() -> bool:
     (``W[indices]``: tokens × out × r) and multiply with an einsum: with thousands of prompt tokens that
     costs ~3× the base model's prefill for a 135M model. vLLM's V1 runner uses these sgmv ops for every
     step (decode too). The replacements (`_per_token`) multiply by each adapter once per run of tokens
-    (vLLM's run metadata), or, for many short runs, by all present adapters in one GEMM (or vLLM's
-    per-token copy where that is smaller); the same arithmetic per row up to summation order. Tokens
+    (vLLM's run metadata), or, for many short runs, by all present adapters in one batched matmul over
+    the tokens grouped by adapter; the same arithmetic per row up to summation order. Tokens
     without an adapter (slot -1) get no LoRA contribution (as vLLM's GPU kernels; the torch op would
     read slot -1). Only ever applied on the CPU platform; ESSA_VLLM_CPU_LORA_OPS=0 keeps vLLM's ops.
     """
