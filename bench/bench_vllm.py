@@ -52,7 +52,7 @@ def _reexec() -> None:
     except ImportError:
         pass
     if VLLM_PYTHON.exists() and Path(sys.prefix).resolve() != VLLM_PYTHON.parents[1].resolve():
-        raise SystemExit(subprocess.call([str(VLLM_PYTHON), __file__, *sys.argv[1:]]))
+        raise SystemExit(subprocess.call([str(VLLM_PYTHON), sys.argv[0], *sys.argv[1:]]))
     print(f"bench_vllm: skipped, no vLLM here and {VLLM_PYTHON.relative_to(REPO)} is missing (run `make vllm-env` first)")
     raise SystemExit(0)
 

@@ -333,7 +333,14 @@ def test_quantization_mapping(tmp_path):
     assert vllm_quantization("none", str(plain)) is None
     assert vllm_quantization("awq", str(awq)) is None  # declared by the checkpoint: vLLM picks awq / awq_marlin
     assert vllm_quantization("fp8", str(plain)) == "fp8"
-    assert vllm_quantization("compressed-tensors", str(plain)) == "compressed-tensors"
+    ct = tmp_path / "ct"
+    ct.mkdir()
+    (ct / "config.json").write_text(json.dumps({"model_type": "llama", "quantization_config": {"quant_method": "compressed-tensors"}}))
+    assert vllm_quantization("compressed-tensors", str(ct)) is None
+    with pytest.raises(VLLMBackendError, match="declares no quantization_config"):
+        vllm_quantization("compressed-tensors", str(plain))
+    with pytest.raises(VLLMBackendError, match=r"set model\.quantization=compressed-tensors"):
+        vllm_quantization("awq", str(ct))
     with pytest.raises(VLLMBackendError, match="declares no quantization_config"):
         vllm_quantization("awq", str(plain))
     with pytest.raises(VLLMBackendError, match=r"set model\.quantization=awq"):

