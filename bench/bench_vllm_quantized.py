@@ -106,6 +106,12 @@ def main() -> None:
     _reexec()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 
+    with tempfile.TemporaryDirectory(prefix="essa-quant-") as folder:  # ~400 MB of checkpoints: never left behind
+        run_all(Path(folder), args)
+
+
+def run_all(tmp: Path, args: argparse.Namespace) -> None:
+    """The float checkpoint, then each scheme's, built and served under `tmp`; writes args.out."""
     import numpy as np
     import vllm
 
@@ -117,7 +123,6 @@ def main() -> None:
 
     src = models.embedded_folder()
     task = make_task(load_config(None))
-    tmp = Path(tempfile.mkdtemp(prefix="essa-quant-"))
     svd = svd_lora.from_peft_dir(write_adapter(tmp / "adapter", src, 8), 1.0, "relative")
     X = np.random.default_rng(0).normal(scale=0.3, size=(4, svd.solution_length))
     X[0] = 0.0
@@ -155,9 +160,8 @@ def main() -> None:
             entry["error"] = f"{type(e).__name__}: {e}"
             entry["traceback_tail"] = traceback.format_exc().splitlines()[-6:]
             # the root cause is raised in vLLM's engine process, which logs to the shared stdout/stderr
-            entry["engine_errors"] = sorted(
-                {ln.split("] ")[-1].strip() for ln in log.read_text(errors="replace").splitlines() if "Error: " in ln}
-            )[:6]
+            lines = log.read_text(errors="replace").splitlines() if log.exists() else []
+            entry["engine_errors"] = sorted({ln.split("] ")[-1].strip() for ln in lines if "Error: " in ln})[:6]
         results[scheme] = entry
         print(scheme, {k: v for k, v in entry.items() if k not in ("texts", "traceback_tail")}, flush=True)
     for entry in results.values():
