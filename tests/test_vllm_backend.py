@@ -69,6 +69,7 @@ def driver(spec_path: str, out_path: str) -> None:
 
     # 1. the population: every candidate an adapter, one generate call
     pop = backend.generate(X, reqs)
+    out["lora_paths"] = backend.llm.collective_rpc("essa_lora_path_calls")[0]
     out["population"] = {
         "texts": texts(pop),
         "tokens": [c.tokens for c in pop],
@@ -517,6 +518,9 @@ def test_factory_and_cpu_lora_ops(vllm_out):
     e = vllm_out["engine"]
     assert e["max_loras"] == N_CAND and e["cpu_lora_ops_patched"]
     assert all(v < 1e-4 for v in vllm_out["ops"].values()), vllm_out["ops"]
+    # in the engine, ESSA's candidates went through the shared basis on every LoRA layer call
+    paths = vllm_out["lora_paths"]
+    assert paths.get("shared_basis", 0) > 0 and not any(paths.get(p) for p in ("vllm", "grid", "runs")), paths
     lin = vllm_out["linear"]  # add_lora_linear replaced: same values as vLLM's, and it did not hand back
     assert len(lin["max_rel_diff"]) == 28 and all(v < 1e-5 for v in lin["max_rel_diff"].values()), lin
     assert lin["fallbacks_to_vllm"] == 0, lin

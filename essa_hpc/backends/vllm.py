@@ -123,6 +123,7 @@ on one CPU node: vLLM's "auto" binding would put every engine on the same cores,
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import itertools
 import math
@@ -596,9 +597,11 @@ def _add_lora_linear(
         or sum(widths) > y.shape[-1]
         or any(int(A.shape[-1]) != x2.shape[1] for A in lora_a_stacked)
     ):
+        PATH_CALLS["vllm"] += 1
         _ORIGINAL_WRAPPER["add_lora_linear"](self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, buffer=buffer, **kwargs)
         return
     if plan.k == 0:
+        PATH_CALLS["no_adapter"] += 1
         return
     y2 = y.view(-1, y.shape[-1])
     width, dtype = sum(widths), y2.dtype
@@ -613,6 +616,7 @@ def _add_lora_linear(
         for j, (w, qbt) in enumerate(zip(widths, basis.qbt)):
             y2[:, off : off + w].addmm_(u[:, j], qbt, alpha=scale)
             off += w
+        PATH_CALLS["shared_basis"] += 1
         return
     if len(runs) <= 4 or T / max(1, len(runs)) >= SHORT_RUN or k * L * max(width, x2.shape[1]) > LORA_TEMP_MAX:
         for s, n, lo in runs:
@@ -623,6 +627,7 @@ def _add_lora_linear(
                 h = xs @ a.to(dtype).T
                 y2[s : s + n, off : off + w].addmm_(h, b.to(dtype).T, alpha=scale)
                 off += w
+        PATH_CALLS["runs"] += 1
         return
     xg = (x2 if plan.identity else x2.index_select(0, plan.grid)).to(dtype).view(k, L, x2.shape[1])
     parts = []
@@ -635,11 +640,13 @@ def _add_lora_linear(
     if plan.none is not None:
         z[plan.none] = 0
     y2[:, :width].add_(z, alpha=scale)
+    PATH_CALLS["grid"] += 1
 
 
 _ORIGINAL_OPS: dict[str, Any] = {}
 _GROUPED_OPS = {"sgmv_shrink": _sgmv_shrink, "sgmv_expand": _sgmv_expand, "sgmv_expand_slice": _sgmv_expand_slice}
 _ORIGINAL_WRAPPER: dict[str, Any] = {}
+PATH_CALLS: collections.Counter[str] = collections.Counter()  # _add_lora_linear calls per path, in this process
 
 
 def patch_cpu_lora_ops() -> bool:
@@ -681,6 +688,10 @@ class CpuLoraOpsExtension:
 
     def essa_patch_cpu_lora_ops(self) -> bool:
         return patch_cpu_lora_ops()
+
+    def essa_lora_path_calls(self) -> dict[str, int]:
+        """How many LoRA layer calls took each path of `_add_lora_linear` so far (tests, benches)."""
+        return dict(PATH_CALLS)
 
 
 # ----------------------------------------------------------------------------------------------- backend
