@@ -39,6 +39,21 @@ def run_cli(
     return subprocess.run(cmd, cwd=cwd, env=env or cli_env(), capture_output=True, text=True, timeout=timeout)
 
 
+SHM = Path("/dev/shm")
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_mpich_segments():
+    """Ranks killed on purpose (tests/test_mpi_engine.py and others) cannot unlink MPICH's shared-memory
+    segments (/dev/shm/mpich_shm_*, 2 MB each); without this every test run left a few behind. Only
+    segments that appeared during the test, whose jobs have ended by teardown, are removed."""
+    before = set(SHM.glob("mpich_shm_*")) if SHM.is_dir() else set()
+    yield
+    if SHM.is_dir():
+        for seg in set(SHM.glob("mpich_shm_*")) - before:
+            seg.unlink(missing_ok=True)
+
+
 @pytest.fixture
 def shared() -> Path:
     d = shared_data()

@@ -24,20 +24,6 @@ from essa_hpc.run import REQUEUE_EXIT_CODE
 from .conftest import REPO, cli_env, mpiexec, run_cli
 
 pytestmark = pytest.mark.mpi
-SHM = Path("/dev/shm")
-
-
-@pytest.fixture(autouse=True)
-def _no_leftover_mpich_segments():
-    """Ranks killed on purpose here cannot unlink MPICH's shared-memory segments (/dev/shm/mpich_shm_*,
-    2 MB each); without this every test run left a few behind. Only segments that appeared during the
-    test, whose job has ended by teardown, are removed."""
-    before = set(SHM.glob("mpich_shm_*")) if SHM.is_dir() else set()
-    yield
-    if SHM.is_dir():
-        for seg in set(SHM.glob("mpich_shm_*")) - before:
-            seg.unlink(missing_ok=True)
-
 
 FAKE = [
     "--set",
