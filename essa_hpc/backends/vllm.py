@@ -433,7 +433,7 @@ def _per_token(x: Any, w: Any, starts: Any, lens: Any, loras: Any, dtype: Any) -
         for s, n, lo in runs:
             y[s : s + n] = x[s : s + n] @ W[lo].to(dtype).T
         return y
-    Wk = W[:k] if plan.prefix else W.index_select(0, plan.active)
+    Wk = _slot_weights(W, plan)
     xg = x if plan.identity else x.index_select(0, plan.grid)
     z = torch.bmm(xg.view(k, L, i), Wk.to(dtype).transpose(1, 2)).view(k * L, o)
     y = z if plan.identity else z.index_select(0, plan.back)
@@ -577,18 +577,9 @@ def _step_plan(wrapper: Any, T: int) -> _Plan | None:
 
 
 def _add_lora_linear(
-    self: Any,
-    y: Any,
-    x: Any,
-    lora_a_stacked: tuple[Any, ...],
-    lora_b_stacked: tuple[Any, ...],
-    scale: float,
-    output_slices: tuple[int, ...],
-    *,
-    buffer: tuple[Any, ...] | None = None,
-    **kwargs: Any,
+    self: Any, y: Any, x: Any, lora_a: tuple[Any, ...], lora_b: tuple[Any, ...], scale: float, output_slices: Sequence[int]
 ) -> None:
-    """PunicaWrapperCPU.add_lora_linear in one piece: ``y[:, slice j] += scale · x A_j[slot]ᵀ B_j[slot]ᵀ``.
+    """PunicaWrapperCPU.add_lora_linear in one piece (behind `_add_lora_linear_op`): ``y[:, slice j] += scale · x A_jᵀ B_jᵀ``.
 
     vLLM's version allocates a float32 buffer per slice, then runs one shrink and one expand op per
     slice, each rebuilding its view of the tokens (for q/k/v: 3 gathers of x, 3 scatters of the rank-r
@@ -598,28 +589,26 @@ def _add_lora_linear(
     activations stay in the grid, the slices' outputs are concatenated, scattered back and added once;
     prefill-like steps (long runs of one adapter) multiply per run, adding in place. A step without
     any adapter returns at once (vLLM still allocates and zeroes the buffers). Anything this does not
-    cover (a caller's buffer, metadata for other tokens, shapes that do not line up) goes to vLLM's
-    method. Per layer call at 64 decode tokens over 32 adapters: 57 µs vs vLLM's 230 µs
-    (bench/results/vllm.json "ops" / "add_lora_linear").
+    cover (metadata for other tokens, shapes that do not line up) goes to vLLM's method. Per layer call
+    at 64 decode tokens over 32 adapters: 57 µs vs vLLM's 230 µs (bench/results/vllm.json "ops" /
+    "add_lora_linear").
     """
     import torch
 
     x2 = x.reshape(-1, x.shape[-1])
     T = x2.shape[0]
     plan = _step_plan(self, T)
-    widths = [int(B.shape[-2]) for B in lora_b_stacked]
+    widths = [int(B.shape[-2]) for B in lora_b]
     if (
         plan is None
-        or buffer is not None
-        or kwargs
         or not y.is_contiguous()
         or y.reshape(-1, y.shape[-1]).shape[0] != T
         or widths != [int(s) for s in output_slices]
         or sum(widths) > y.shape[-1]
-        or any(int(A.shape[-1]) != x2.shape[1] for A in lora_a_stacked)
+        or any(int(A.shape[-1]) != x2.shape[1] for A in lora_a)
     ):
         PATH_CALLS["vllm"] += 1
-        _ORIGINAL_WRAPPER["add_lora_linear"](self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, buffer=buffer, **kwargs)
+        _ORIGINAL_WRAPPER["add_lora_linear"](self, y, x, lora_a, lora_b, scale, output_slices)
         return
     if plan.k == 0:
         PATH_CALLS["no_adapter"] += 1
@@ -627,7 +616,7 @@ def _add_lora_linear(
     y2 = y.view(-1, y.shape[-1])
     width, dtype = sum(widths), y2.dtype
     runs, k, L = plan.runs, plan.k, plan.L
-    basis = _shared_basis(lora_a_stacked, lora_b_stacked, dtype) if SHARED_BASIS else None
+    basis = _shared_basis(lora_a, lora_b, dtype) if SHARED_BASIS else None
     if basis is not None and basis.ok.issuperset(plan.slots) and T * basis.S * basis.r * basis.r <= LORA_TEMP_MAX:
         S, r = basis.S, basis.r
         t = (x2.to(dtype) @ basis.qa).view(T * S, r, 1)
@@ -643,7 +632,7 @@ def _add_lora_linear(
         for s, n, lo in runs:
             xs = x2[s : s + n].to(dtype)
             off = 0
-            for A, B, w in zip(lora_a_stacked, lora_b_stacked, widths):
+            for A, B, w in zip(lora_a, lora_b, widths):
                 a, b = (A.squeeze(1) if A.dim() == 4 else A)[lo], (B.squeeze(1) if B.dim() == 4 else B)[lo]
                 h = xs @ a.to(dtype).T
                 y2[s : s + n, off : off + w].addmm_(h, b.to(dtype).T, alpha=scale)
@@ -652,7 +641,7 @@ def _add_lora_linear(
         return
     xg = (x2 if plan.identity else x2.index_select(0, plan.grid)).to(dtype).view(k, L, x2.shape[1])
     parts = []
-    for A, B in zip(lora_a_stacked, lora_b_stacked):
+    for A, B in zip(lora_a, lora_b):
         h = torch.bmm(xg, _slot_weights(A, plan).to(dtype).transpose(1, 2))
         parts.append(torch.bmm(h, _slot_weights(B, plan).to(dtype).transpose(1, 2)))
     z = (parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)).view(k * L, width)
@@ -952,7 +941,6 @@ class VLLMBackend:
                 lora_target_modules=targets,  # LoRA slots only where the adapter has weights
             )
         cpu_ops = svd is not None and _on_cpu() and os.environ.get("ESSA_VLLM_CPU_LORA_OPS", "1") != "0"
-        self.cpu_lora_compiled = False
         if cpu_ops:  # before the engine exists: its processes must have the ops before vLLM traces the model
             os.environ["ESSA_VLLM_CPU_LORA"] = "1"
             patch_cpu_lora_ops()
