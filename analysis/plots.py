@@ -256,3 +256,38 @@ def predicted_vs_measured(
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=6)
     return save(fig, out, "predicted_vs_measured", formats)
+
+
+def method_overlay(curves: pd.DataFrame, metric: str, out: Path, formats: Sequence[str] = FORMATS, stem: str = "methods") -> list[Path]:
+    """Held-out metric of ESSA and GRPO runs against training time (validation excluded) and against
+    generated tokens, one line per run, ESSA solid and GRPO dashed (analysis.methods has the time rule)."""
+    if curves.empty or metric not in curves.columns:
+        return []
+    written: list[Path] = []
+    runs = list(dict.fromkeys(curves["run"]))
+    colors = dict(zip(runs, _colors(len(runs))))
+    for x, xlabel, tag in (
+        ("train_time", "training minutes (validation excluded)", "train_time"),
+        ("tokens", "generated tokens", "tokens"),
+    ):
+        fig, ax = plt.subplots(figsize=(6.8, 4.2))
+        for run in runs:
+            c = curves[curves["run"] == run]
+            method = str(c["method"].iloc[0])
+            xs = c[x] / 60.0 if x == "train_time" else c[x]
+            ax.plot(
+                xs,
+                c[metric],
+                color=colors[run],
+                linestyle="-" if method == "essa" else "--",
+                marker="o",
+                markersize=3,
+                label=f"{run} ({method})",
+            )
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(f"held-out {metric}")
+        ax.set_title(f"ESSA vs GRPO: held-out {metric}")
+        ax.grid(alpha=0.3)
+        _legend(ax, fontsize=7)
+        written += save(fig, out, f"{stem}_{_safe(metric)}_vs_{tag}", formats)
+    return written

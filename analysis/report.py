@@ -22,8 +22,19 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from analysis import latency, plots
-from analysis.load import LogError, Run, Runs, load_runs, overhead_share, signature, throughput, time_to_target, tokens_per_sample
+from analysis import latency, methods, plots
+from analysis.load import (
+    LogError,
+    Run,
+    Runs,
+    find_logs,
+    load_runs,
+    overhead_share,
+    signature,
+    throughput,
+    time_to_target,
+    tokens_per_sample,
+)
 
 TARGET_FRACTION = 0.9  # default target: 90 % of the improvement every run achieved (see default_target)
 
@@ -509,7 +520,12 @@ def build_presets(args: argparse.Namespace, fits: dict[str, latency.EtaFit]) -> 
 def build_report(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out)
     formats = tuple(f.strip() for f in args.formats.split(",") if f.strip())
-    runs = load_runs(args.logs)
+    paths = find_logs(args.logs)
+    grpo = [p for p in paths if methods.log_method(p) == "grpo"]
+    comparison = methods.eval_curves(paths) if grpo else pd.DataFrame()
+    if grpo and len(grpo) == len(paths):
+        return method_report(out, comparison, args.metric, formats)
+    runs = load_runs([p for p in paths if p not in grpo])
     metric = choose_metric(runs, args.metric)
     if args.target is not None:
         target, source = args.target, "given with --target"
@@ -530,6 +546,9 @@ def build_report(args: argparse.Namespace) -> dict[str, Any]:
     proj = pd.concat([latency.project(p, workload, Gs) for p in presets], ignore_index=True)
 
     figures: list[Path] = []
+    if grpo and metric is not None:
+        figures += plots.method_overlay(comparison, metric, out, formats)
+        comparison.to_csv(out / "methods.csv", index=False)
     figures += plots.curves(runs, metric, out, formats)
     for r in runs:
         figures += plots.phase_breakdown(r, out, formats)
@@ -572,6 +591,33 @@ def build_report(args: argparse.Namespace) -> dict[str, Any]:
         "projection": proj,
         "figures": figures,
         "summary_md": md,
+    }
+
+
+def method_report(out: Path, comparison: pd.DataFrame, metric: str | None, formats: Sequence[str]) -> dict[str, Any]:
+    """Only GRPO logs were given: the overlay, its table and a short summary (no ESSA generations to analyse)."""
+    available = [c for c in comparison.columns if c not in ("run", "method", "step", "wall_time", "train_time", "tokens")]
+    if metric is None:
+        metric = "accuracy" if "accuracy" in available else (available[0] if available else None)
+    if metric is None or metric not in available:
+        raise LogError(f"--metric {metric!r}: the logs have validation metrics {available}")
+    out.mkdir(parents=True, exist_ok=True)
+    figures = plots.method_overlay(comparison, metric, out, formats)
+    comparison.to_csv(out / "methods.csv", index=False)
+    lines = ["# Run report (GRPO logs)\n", "| run | method | first | last | training s | tokens |", "| --- | --- | --- | --- | --- | --- |"]
+    for run, c in comparison.groupby("run", sort=False):
+        first, last = c[metric].iloc[0], c[metric].iloc[-1]
+        lines.append(
+            f"| {run} | {c['method'].iloc[0]} | {first:.4f} | {last:.4f} | {c['train_time'].iloc[-1]:.1f} | {int(c['tokens'].iloc[-1])} |"
+        )
+    md = out / "summary.md"
+    md.write_text("\n".join(lines) + "\n")
+    return {
+        "runs": list(dict.fromkeys(comparison["run"])),
+        "metric": metric,
+        "figures": figures,
+        "summary_md": md,
+        "comparison": comparison,
     }
 
 

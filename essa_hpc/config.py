@@ -18,6 +18,7 @@ import functools
 import hashlib
 import json
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -52,6 +53,10 @@ class RunSection:
     seed: int = _f(1234, "The one seed every random choice derives from (optimizer, minibatches, sampling).")
     generations: int = _f(12, "Number of CMA-ES generations (stop criterion).")
     time_budget_s: float = _f(0.0, "Stop at the first generation boundary after this many seconds (0 = no limit).")
+    train_budget_s: float = _f(
+        0.0,
+        "Stop at the first generation boundary after this many seconds of training: since the first generation, validation excluded (the GRPO baseline's grpo.time_budget_s rule; 0 = no limit).",
+    )
     target_metric: str | None = _f(None, "Validation metric that stops the run once it reaches target_value.")
     target_value: float | None = _f(None, "Threshold for target_metric.")
     overwrite: bool = _f(False, "Replace an existing run directory that has no checkpoint to resume from.")
@@ -113,6 +118,10 @@ class SearchSection:
     digest_every: int = _f(1, "Compare a hash of the optimizer state across ranks every this many generations.")
     digest_repair: bool = _f(False, "On a digest mismatch, copy rank 0's state instead of stopping the job.")
     fitness_shaping: str = _f("none", "none (raw −reward) or centered_ranks.")
+    common_random_numbers: bool = _f(
+        False,
+        "Sampling seeds per (generation, prompt), shared by all candidates, instead of per candidate: at backend.temperature > 0 candidates then differ by their effect alone, not by their sampling noise.",
+    )
 
 
 @dataclass(frozen=True)
@@ -182,6 +191,31 @@ class LogSection:
     progress: bool = _f(True, "Rank 0 prints one status line per generation.")
 
 
+GRPO_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
+GRPO_LOSSES = ("grpo", "dapo", "dr_grpo", "bnpo")
+GRPO_REWARD_SCALING = ("group", "batch", "none")
+
+
+@dataclass(frozen=True)
+class GrpoSection:
+    """The GRPO baseline (``python -m essa_hpc.grpo``); an ESSA run ignores this section."""
+
+    learning_rate: float = _f(1e-4, "AdamW learning rate of the LoRA parameters.")
+    group_size: int = _f(8, "Completions sampled per prompt (TRL num_generations); advantages are relative within a group.")
+    prompts_per_step: int = _f(4, "Prompts per optimizer step (a step trains on prompts_per_step × group_size completions).")
+    beta: float = _f(0.0, "KL coefficient against the starting policy (0 = no reference model, TRL's default).")
+    max_steps: int = _f(100, "Optimizer steps (stop criterion; grpo.time_budget_s may stop earlier).")
+    time_budget_s: float = _f(
+        0.0, "Stop at the first step boundary after this many seconds of training time (validation excluded; 0 = no limit)."
+    )
+    temperature: float = _f(1.0, "Sampling temperature of the training completions (validation uses eval.temperature).")
+    lr_scheduler: str = _f("constant", f"Learning-rate schedule over max_steps, one of {GRPO_SCHEDULERS}.")
+    warmup_steps: int = _f(0, "Linear warm-up steps of the learning rate.")
+    loss_type: str = _f("dapo", f"TRL loss aggregation, one of {GRPO_LOSSES} (dapo is TRL's default).")
+    scale_rewards: str = _f("group", f"Advantage scaling, one of {GRPO_REWARD_SCALING} (TRL scale_rewards).")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm.")
+
+
 @dataclass(frozen=True)
 class Config:
     run: RunSection = field(default_factory=RunSection)
@@ -193,6 +227,7 @@ class Config:
     task: TaskSection = field(default_factory=TaskSection)
     eval: EvalSection = field(default_factory=EvalSection)
     log: LogSection = field(default_factory=LogSection)
+    grpo: GrpoSection = field(default_factory=GrpoSection)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -203,12 +238,14 @@ class Config:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
 
-    def digest(self, ignore: tuple[str, ...] = ("run.generations", "run.time_budget_s", "run.overwrite")) -> str:
+    def digest(self, ignore: tuple[str, ...] = ("run.generations", "run.time_budget_s", "run.train_budget_s", "run.overwrite")) -> str:
         """Hash of everything that changes results; checkpoints refuse to resume under another digest.
 
-        Stop criteria are left out so a user may extend a finished or preempted run.
+        Stop criteria are left out so a user may extend a finished or preempted run; so is the grpo
+        section, which an ESSA run never reads.
         """
         d = self.to_dict()
+        d.pop("grpo", None)
         for key in ignore:
             sec, name = key.split(".")
             d[sec].pop(name, None)
@@ -262,6 +299,9 @@ def _suggest(key: str, choices: list[str]) -> str:
     return f" (did you mean {', '.join(close)}?)" if close else ""
 
 
+_YAML11_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _coerce(key: str, value: Any, hint: Any) -> Any:
     """Check a value against a field's type; YAML gives ints for floats and lists for lists."""
     origin = typing.get_origin(hint)
@@ -288,6 +328,8 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if hint is float:
+        if isinstance(value, str) and _YAML11_FLOAT.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads 1e-5 (no dot) as a string; it is a number here
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)
@@ -382,6 +424,7 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     need(bool(r.name) and "/" not in r.name, "run.name", f"expected a non-empty name without '/', got {r.name!r}")
     need(r.generations >= 1, "run.generations", f"expected >= 1, got {r.generations}")
     need(r.time_budget_s >= 0, "run.time_budget_s", f"expected >= 0 (0 = no limit), got {r.time_budget_s}")
+    need(r.train_budget_s >= 0, "run.train_budget_s", f"expected >= 0 (0 = no limit), got {r.train_budget_s}")
     need(0 <= r.seed < 2**63, "run.seed", f"expected 0 <= seed < 2**63, got {r.seed}")
     need((r.target_metric is None) == (r.target_value is None), "run.target_value", "run.target_metric and run.target_value go together")
     need(m.dtype in DTYPES, "model.dtype", f"expected one of {DTYPES}, got {m.dtype!r}")
@@ -477,6 +520,7 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     need(e.k >= 1 and e.size >= 1, "eval.k", f"expected k >= 1 and size >= 1, got k={e.k}, size={e.size}")
     need(e.k == 1 or e.temperature > 0, "eval.temperature", "eval.k > 1 samples the same prompt k times; set eval.temperature > 0")
     need(lg.checkpoint_every >= 1, "log.checkpoint_every", f"expected >= 1, got {lg.checkpoint_every}")
+    _validate_grpo(cfg.grpo, need)
     if check_paths:
         for key, value in (
             ("lora.adapter", lo.adapter),
@@ -489,6 +533,31 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
         looks_local = m.path.startswith(("/", "./", "../", "~")) or m.path.endswith(".gguf") or m.path.count("/") > 1
         if not m.path.startswith("embedded:") and looks_local and not Path(m.path).expanduser().exists():
             raise ConfigError(f"model.path: no such file or folder: {m.path}")
+
+
+def _validate_grpo(g: GrpoSection, need: Any) -> None:
+    need(
+        g.learning_rate > 0 and math.isfinite(g.learning_rate), "grpo.learning_rate", f"expected a finite number > 0, got {g.learning_rate}"
+    )
+    need(
+        g.group_size >= 2,
+        "grpo.group_size",
+        f"expected >= 2 completions per prompt (advantages compare within a group), got {g.group_size}",
+    )
+    need(g.prompts_per_step >= 1, "grpo.prompts_per_step", f"expected >= 1, got {g.prompts_per_step}")
+    need(g.beta >= 0 and math.isfinite(g.beta), "grpo.beta", f"expected a finite number >= 0, got {g.beta}")
+    need(g.max_steps >= 1, "grpo.max_steps", f"expected >= 1, got {g.max_steps}")
+    need(g.time_budget_s >= 0, "grpo.time_budget_s", f"expected >= 0 (0 = no limit), got {g.time_budget_s}")
+    need(
+        g.temperature > 0 and math.isfinite(g.temperature),
+        "grpo.temperature",
+        f"expected a finite number > 0 (GRPO samples), got {g.temperature}",
+    )
+    need(g.lr_scheduler in GRPO_SCHEDULERS, "grpo.lr_scheduler", f"expected one of {GRPO_SCHEDULERS}, got {g.lr_scheduler!r}")
+    need(g.warmup_steps >= 0, "grpo.warmup_steps", f"expected >= 0, got {g.warmup_steps}")
+    need(g.loss_type in GRPO_LOSSES, "grpo.loss_type", f"expected one of {GRPO_LOSSES}, got {g.loss_type!r}")
+    need(g.scale_rewards in GRPO_REWARD_SCALING, "grpo.scale_rewards", f"expected one of {GRPO_REWARD_SCALING}, got {g.scale_rewards!r}")
+    need(g.max_grad_norm > 0, "grpo.max_grad_norm", f"expected > 0, got {g.max_grad_norm}")
 
 
 def _is_plugin(name: str) -> bool:

@@ -119,6 +119,13 @@ def candidate_seed(run_seed: int, gen: int, cand: int) -> int:
     return splitmix64(run_seed, gen, cand, 0xC4)
 
 
+def common_seed(run_seed: int, gen: int) -> int:
+    """Seed shared by every candidate of generation `gen` (search.common_random_numbers): with it, the
+    sampled completions of two candidates differ only where their own logits differ (common random
+    numbers), so at T > 0 the candidates' reward differences are not swamped by sampling noise."""
+    return splitmix64(run_seed, gen, 0xC5)
+
+
 def validation_seed(run_seed: int, prompt_index: int, sample: int) -> int:
     """Seed of validation sample `sample` of prompt `prompt_index`: the same in every validation of a run
     and in `essa_hpc.evaluate`, so a final adapter's standalone metrics match its last validation."""

@@ -326,13 +326,14 @@ def run(cfg: Config, comm: dist.Comm, resume: bool = False) -> int:
     mine, slots = table[comm.rank], max(1, max(len(w) for w in table))
     primary = ev.metric_names[0]
 
-    start_gen, elapsed0 = 0, 0.0
+    start_gen, elapsed0, trained0 = 0, 0.0, 0.0
     best: dict[str, Any] = {"value": -math.inf, "vector": None, "gen": -1}
     evals_done: list[tuple[int, dict[str, float]]] = []
     if resuming:
         state = checkpoint.load(run_dir, cfg.digest())
         opt.load_state_dict(state["optimizer"])
         start_gen, elapsed0, best, evals_done = state["gen"], state["elapsed"], state["best"], state["evals"]
+        trained0 = float(state.get("trained", 0.0))  # absent in checkpoints written before run.train_budget_s
     hosts = comm.allgather(dist.hostname())
     log = None
     if comm.rank == 0:
@@ -359,6 +360,12 @@ def run(cfg: Config, comm: dist.Comm, resume: bool = False) -> int:
     def clock() -> float:
         return elapsed0 + time.perf_counter() - t_start
 
+    validating = {"seconds": 0.0, "loop_start": 0.0}  # validation time inside the loop; where it began
+
+    def trained() -> float:
+        """Training seconds: since the first generation, validation excluded (run.train_budget_s)."""
+        return trained0 + clock() - validating["loop_start"] - validating["seconds"]
+
     def do_eval(gen: int, vec: np.ndarray) -> dict[str, float]:
         m = validate(ev, cfg, comm, vec)
         evals_done.append((gen, m))
@@ -375,6 +382,7 @@ def run(cfg: Config, comm: dist.Comm, resume: bool = False) -> int:
     late = np.zeros(len(dist.PHASES))  # after-Allgather phases of the previous generation (see runlog)
     P = {p: i for i, p in enumerate(dist.PHASES)}
     exit_code, gen = 0, start_gen
+    validating["loop_start"] = clock()
     for gen in range(start_gen, cfg.run.generations):
         tg = time.perf_counter()
         digest_before = bytes.fromhex(opt.digest())[: dist.DIGEST_BYTES]
@@ -383,7 +391,8 @@ def run(cfg: Config, comm: dist.Comm, resume: bool = False) -> int:
         batch = minibatch(ev.train, cfg.run.seed, gen, B)
         cands = sorted({w.cand for w in mine})
         row = {c: i for i, c in enumerate(cands)}
-        items = [(row[w.cand], batch[p], dist.sample_seed(int(seeds[w.cand]), p)) for w in mine for p in range(w.lo, w.hi)]
+        noise = [dist.common_seed(cfg.run.seed, gen)] * lam if cfg.search.common_random_numbers else [int(s) for s in seeds]
+        items = [(row[w.cand], batch[p], dist.sample_seed(noise[w.cand], p)) for w in mine for p in range(w.lo, w.hi)]
         t_prep = time.perf_counter() - tg
         values, tokens, failures, timeouts, t_gen, t_rew = score(ev, X[cands], items)
 
@@ -407,7 +416,9 @@ def run(cfg: Config, comm: dist.Comm, resume: bool = False) -> int:
                 np.zeros(len(dist.PHASES)),
             )
             k += n
-        over_budget = cfg.run.time_budget_s > 0 and clock() >= cfg.run.time_budget_s
+        over_budget = (cfg.run.time_budget_s > 0 and clock() >= cfg.run.time_budget_s) or (
+            cfg.run.train_budget_s > 0 and trained() >= cfg.run.train_budget_s
+        )
         recs[0]["stop"] = (1 if over_budget else 0) | (2 if stop.requested else 0)
         recs[0]["failures"], recs[0]["timeouts"], recs[0]["digest"] = failures, timeouts, digest_before
         timings = late.copy()
@@ -463,6 +474,7 @@ def run(cfg: Config, comm: dist.Comm, resume: bool = False) -> int:
             te = time.perf_counter()
             metrics_now = do_eval(done, opt.mean.copy())
             t_eval = time.perf_counter() - te
+            validating["seconds"] += t_eval
         target_hit = (
             cfg.run.target_metric is not None
             and metrics_now is not None
@@ -477,6 +489,7 @@ def run(cfg: Config, comm: dist.Comm, resume: bool = False) -> int:
                     "gen": done,
                     "optimizer": opt.state_dict(),
                     "elapsed": clock(),
+                    "trained": trained(),
                     "best": best,
                     "evals": evals_done,
                     "config_digest": cfg.digest(),
@@ -504,7 +517,12 @@ def run(cfg: Config, comm: dist.Comm, resume: bool = False) -> int:
             exit_code = REQUEUE_EXIT_CODE
             break
         if stop_now:
-            say(comm, f"essa-run: time budget of {cfg.run.time_budget_s} s spent at generation {done}")
+            budget = (
+                f"training budget of {cfg.run.train_budget_s} s"
+                if cfg.run.train_budget_s > 0 and trained() >= cfg.run.train_budget_s
+                else f"time budget of {cfg.run.time_budget_s} s"
+            )
+            say(comm, f"essa-run: {budget} spent at generation {done}")
             break
         if target_hit:
             say(comm, f"essa-run: {cfg.run.target_metric} reached {cfg.run.target_value} at generation {done}")

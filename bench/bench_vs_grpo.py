@@ -1,0 +1,348 @@
+"""ESSA against GRPO at equal training time, from one SFT adapter trained to convergence.
+
+The task is one neither method was built for: two-digit + and − questions answered in ``\\boxed{}``,
+scored by a reward plugin (bench/vs_grpo_task.py: 1 right, 0.1 boxed but wrong, 0 unboxed) over JSONL
+files the script writes (2,000 training questions, 400 held-out ones, disjoint). Both methods start
+from the same LoRA SFT adapter (rank 8, q/k/v/o), trained once for several epochs on 800 worked answers
+and cached; its held-out accuracy is every run's first validation.
+
+Then, for every seed, each ESSA variant (``--essa``, presets in ESSA_VARIANTS) and GRPO at each learning
+rate (``--grpo-lrs``) gets the same training-time budget: ``run.train_budget_s`` / ``grpo.time_budget_s``,
+the one rule both loops implement (since the first generation or step, validation excluded). Every
+run validates on the 400 held-out questions (greedy, the run loop's validation path for both) at a
+fixed period; neither method uses those scores for anything (no best-adapter pick, no early stop),
+so they are a measurement only. Runs go ``--parallel`` at a time, each pinned to its own core with one
+torch thread, ESSA and GRPO interleaved so that runs sharing the machine are of different methods.
+
+    python bench/bench_vs_grpo.py                                   # 20 min, seeds 1234 and 1, defaults vs GRPO 1e-4 / 3e-4
+    python bench/bench_vs_grpo.py --budget-min 10 --seeds 1234 --essa default,crn --grpo-lrs 1e-4
+
+Writes bench/results/vs_grpo.json (settings, the SFT adapter's accuracy, every run's curve, the
+accuracy at each checkpoint minute, gains, the targets) and vs_grpo_accuracy_vs_{train_time,tokens}.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "bench"
+DATA_SEED = 1234
+TRAIN, HELD_OUT = 2000, 400
+SYSTEM_PROMPT = "Please reason step by step and place your final answer in \\boxed{}."
+
+# ESSA settings compared (each a list of --set overrides on top of the project's defaults)
+ESSA_VARIANTS: dict[str, list[str]] = {
+    "default": [],
+    # common random numbers at T > 0: every candidate samples with the same seeds per prompt
+    "crn": ["backend.temperature=0.7", "search.common_random_numbers=true"],
+    "crn_b32": ["backend.temperature=0.7", "search.common_random_numbers=true", "task.batch_size=32", "search.popsize=12"],
+    "full_b48": ["search.diagonal=false", "task.batch_size=48"],
+    "alpha1": ["lora.alpha_fraction=1.0"],
+    "sigma05": ["search.sigma0=0.5"],
+    "ranks": ["search.fitness_shaping=centered_ranks"],
+}
+
+
+def write_data(work: Path, held_out: int) -> tuple[Path, Path]:
+    """train.jsonl and heldout.jsonl: distinct questions of the arithmetic generator, disjoint splits
+    (with held_out = 400 the split of the built-in arithmetic task at run.seed 1234, eval.size 400)."""
+    from essa_hpc.tasks import arithmetic
+
+    train, held = arithmetic.generate(DATA_SEED, 2, ["+", "-"], TRAIN, HELD_OUT)
+    held = held[:held_out]
+    paths = []
+    for name, qs in (("train", train), ("heldout", held)):
+        p = work / f"{name}.jsonl"
+        rows = [arithmetic.make_example(*q) for q in qs]
+        p.write_text("".join(json.dumps({"prompt": e.prompt, "answer": e.answer, "response": e.response}) + "\n" for e in rows))
+        paths.append(p)
+    return paths[0], paths[1]
+
+
+def common_overrides(train: Path, held: Path, args: argparse.Namespace) -> list[str]:
+    return [
+        "task.name=vs_grpo_task:reward",
+        f"task.path={train}",
+        f"task.val_path={held}",
+        f"task.system_prompt={json.dumps(SYSTEM_PROMPT)}",
+        f"eval.size={args.held_out}",
+        f"backend.max_new_tokens={args.max_new_tokens}",
+        "model.threads=1",
+    ]
+
+
+def env() -> dict[str, str]:
+    e = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "OMPI_", "PMIX_", "HYDRA_"))}
+    e["PYTHONPATH"] = os.pathsep.join([str(REPO), str(BENCH), e.get("PYTHONPATH", "")])
+    e["OMP_NUM_THREADS"] = "1"
+    return e
+
+
+def sets(overrides: list[str]) -> list[str]:
+    return [a for o in overrides for a in ("--set", o)]
+
+
+def sft_adapter(work: Path, common: list[str], args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
+    """The converged SFT adapter, trained once per setting (cached under --cache)."""
+    over = [
+        *common,
+        "sft.steps=0",
+        f"sft.epochs={args.sft_epochs}",
+        f"sft.examples={args.sft_examples}",
+        f"sft.learning_rate={args.sft_lr}",
+        "sft.batch_size=16",
+        f"run.seed={DATA_SEED}",
+        "model.threads=0",
+    ]
+    key = hashlib.sha256(json.dumps([o for o in over if not o.startswith(("task.path", "task.val_path"))]).encode()).hexdigest()[:12]
+    out = Path(args.cache) / f"sft-{key}"
+    if not (out / "adapter_model.safetensors").is_file():
+        cmd = [sys.executable, "-m", "essa_hpc.sft", *sets(over), "--out", str(out)]
+        print("training the SFT adapter:", " ".join(cmd[2:]), flush=True)
+        r = subprocess.run(cmd, cwd=REPO, env={**env(), "OMP_NUM_THREADS": str(os.cpu_count() or 1)}, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise SystemExit(f"SFT failed ({r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
+    stats = json.loads((out / "sft_stats.json").read_text())
+    return out, {
+        "path": str(out),
+        "overrides": over,
+        **{k: stats[k] for k in ("steps", "examples", "loss_first", "loss_tail_mean", "seconds")},
+    }
+
+
+def jobs(args: argparse.Namespace, common: list[str], adapter: Path, work: Path) -> list[dict[str, Any]]:
+    budget = 60.0 * args.budget_min
+    out: list[dict[str, Any]] = []
+    for seed in args.seeds:
+        essa = [
+            {
+                "label": f"essa-{v}",
+                "method": "essa",
+                "seed": seed,
+                "module": "essa_hpc.run",
+                "overrides": [
+                    *common,
+                    f"lora.adapter={adapter}",
+                    f"run.seed={seed}",
+                    f"run.train_budget_s={budget}",
+                    "run.generations=100000",
+                    f"eval.every={args.essa_eval_every}",
+                    "log.checkpoint_every=1000",
+                    *ESSA_VARIANTS[v],
+                ],
+            }
+            for v in args.essa
+        ]
+        grpo = [
+            {
+                "label": f"grpo-lr{lr:g}",
+                "method": "grpo",
+                "seed": seed,
+                "module": "essa_hpc.grpo",
+                "overrides": [
+                    *common,
+                    f"lora.adapter={adapter}",
+                    f"run.seed={seed}",
+                    f"grpo.learning_rate={lr}",
+                    f"grpo.time_budget_s={budget}",
+                    "grpo.max_steps=100000",
+                    f"grpo.group_size={args.grpo_group}",
+                    f"grpo.prompts_per_step={args.grpo_prompts}",
+                    f"eval.every={args.grpo_eval_every}",
+                ],
+            }
+            for lr in args.grpo_lrs
+        ]
+        for i in range(max(len(essa), len(grpo))):  # interleave: concurrent runs are of different methods
+            out += [j[i] for j in (essa, grpo) if i < len(j)]
+    for j in out:
+        j["name"] = f"{j['label']}-s{j['seed']}"
+        j["overrides"] += [f"run.dir={work / 'runs'}", f"run.name={j['name']}", "run.overwrite=true"]
+    return out
+
+
+def run_all(todo: list[dict[str, Any]], parallel: int, work: Path) -> None:
+    """Each job in its own process, pinned to a free core, ``parallel`` at a time."""
+    cores = list(range(parallel))
+    running: list[tuple[subprocess.Popen[str], dict[str, Any], int, float]] = []
+    queue = list(todo)
+    while queue or running:
+        while queue and cores:
+            job, core = queue.pop(0), cores.pop(0)
+            logf = (work / f"{job['name']}.out").open("w")
+            cmd = ["taskset", "-c", str(core), sys.executable, "-m", job["module"], *sets(job["overrides"])]
+            job["command"] = " ".join(["python", "-m", job["module"], *sets(job["overrides"])])
+            p = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=logf, stderr=subprocess.STDOUT, text=True)
+            running.append((p, job, core, time.perf_counter()))
+            print(f"[{time.strftime('%H:%M:%S')}] start {job['name']} on core {core}", flush=True)
+        time.sleep(2.0)
+        for item in list(running):
+            p, job, core, t0 = item
+            if p.poll() is None:
+                continue
+            running.remove(item)
+            cores.append(core)
+            job["returncode"], job["wall_s"] = p.returncode, time.perf_counter() - t0
+            print(f"[{time.strftime('%H:%M:%S')}] done  {job['name']} rc={p.returncode} in {job['wall_s']:.0f} s", flush=True)
+            if p.returncode != 0:
+                print((work / f"{job['name']}.out").read_text()[-3000:], flush=True)
+
+
+def summarise(todo: list[dict[str, Any]], work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    import numpy as np
+    import pandas as pd
+
+    sys.path.insert(0, str(REPO))
+    from analysis import methods, plots
+
+    budget = 60.0 * args.budget_min
+    marks = [60.0 * m for m in range(args.mark_every_min, int(args.budget_min) + 1, args.mark_every_min)]
+    curves, runs = [], []
+    for job in todo:
+        log = work / "runs" / job["name"] / "log.h5"
+        if job.get("returncode") != 0 or not log.is_file():
+            runs.append({k: job.get(k) for k in ("name", "label", "method", "seed", "returncode", "command")})
+            continue
+        c = methods.eval_curve(log, job["name"])
+        curves.append(c)
+        start = float(c["accuracy"].iloc[0])
+        at_budget = methods.value_at(c, "accuracy", budget)
+        runs.append(
+            {
+                **{k: job[k] for k in ("name", "label", "method", "seed", "returncode", "wall_s", "command")},
+                "start_accuracy": start,
+                "accuracy_at_budget": at_budget,
+                "gain_points": 100 * (at_budget - start),
+                "accuracy_at_minutes": {f"{t / 60:g}": methods.value_at(c, "accuracy", t) for t in marks},
+                "steps_or_generations": int(c["step"].iloc[-1]),
+                "curve": c[["step", "train_time", "tokens", "accuracy", "mean_reward"]].round(6).to_dict(orient="list"),
+            }
+        )
+    ok = [r for r in runs if "gain_points" in r]
+    by_label: dict[str, list[dict[str, Any]]] = {}
+    for r in ok:
+        by_label.setdefault(r["label"], []).append(r)
+    labels = {
+        lab: {
+            "method": rs[0]["method"],
+            "seeds": [r["seed"] for r in rs],
+            "gain_points_mean": float(np.mean([r["gain_points"] for r in rs])),
+            "gain_points": [r["gain_points"] for r in rs],
+            "accuracy_at_budget_mean": float(np.mean([r["accuracy_at_budget"] for r in rs])),
+        }
+        for lab, rs in by_label.items()
+    }
+    grpo = {k: v for k, v in labels.items() if v["method"] == "grpo"}
+    essa = {k: v for k, v in labels.items() if v["method"] == "essa"}
+    targets: dict[str, Any] = {}
+    if grpo and essa:
+        best_grpo = max(grpo, key=lambda k: grpo[k]["gain_points_mean"])
+        best_essa = max(essa, key=lambda k: essa[k]["gain_points_mean"])
+        g_gain, e_gain = grpo[best_grpo]["gain_points_mean"], essa[best_essa]["gain_points_mean"]
+        # minutes the best ESSA setting needs, per seed, to reach the best GRPO's accuracy at the budget
+        reach = []
+        for seed in args.seeds:
+            ge = [r for r in by_label[best_grpo] if r["seed"] == seed]
+            ee = [c for c in curves if c["run"].iloc[0] == f"{best_essa}-s{seed}"]
+            if ge and ee:
+                reach.append(methods.time_to(ee[0], "accuracy", ge[0]["accuracy_at_budget"]) / 60.0)
+        targets = {
+            "best_grpo": best_grpo,
+            "best_grpo_gain_points": g_gain,
+            "best_essa": best_essa,
+            "best_essa_gain_points": e_gain,
+            "essa_gain_at_least_2x_grpo": bool(e_gain >= 2 * g_gain and e_gain > 0),
+            "essa_minutes_to_grpo_budget_accuracy": reach,
+            "essa_reaches_it_within_7_min": bool(reach and all(m <= 7.0 for m in reach)),
+        }
+    if curves:
+        all_curves = pd.concat(curves, ignore_index=True)
+        plots.method_overlay(all_curves, "accuracy", Path(args.out).parent, formats=("png",), stem="vs_grpo")
+    return {"runs": runs, "by_setting": labels, "targets": targets}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--budget-min", type=float, default=20.0, help="training minutes per run (validation excluded)")
+    ap.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[1234, 1])
+    ap.add_argument("--essa", type=lambda s: s.split(","), default=["default"], help=f"ESSA variants from {sorted(ESSA_VARIANTS)}")
+    ap.add_argument("--grpo-lrs", type=lambda s: [float(x) for x in s.split(",")], default=[1e-4, 3e-4])
+    ap.add_argument("--grpo-group", type=int, default=8)
+    ap.add_argument("--grpo-prompts", type=int, default=4)
+    ap.add_argument("--essa-eval-every", type=int, default=4, help="generations between validations")
+    ap.add_argument("--grpo-eval-every", type=int, default=4, help="optimizer steps between validations")
+    ap.add_argument("--mark-every-min", type=int, default=5, help="report the accuracy every this many training minutes")
+    ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--held-out", type=int, default=HELD_OUT, help="held-out questions scored at every validation (smoke tests: fewer)")
+    ap.add_argument("--sft-epochs", type=float, default=2.0)
+    ap.add_argument("--sft-examples", type=int, default=800)
+    ap.add_argument("--sft-lr", type=float, default=5e-4)
+    ap.add_argument("--sft-adapter", help="use this PEFT adapter as the SFT start instead of training one")
+    ap.add_argument("--parallel", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--cache", default=str(Path.home() / ".cache" / "essa_hpc" / "bench"))
+    ap.add_argument("--workdir", default=str(Path.home() / ".cache" / "essa_hpc" / "bench" / "vs_grpo"))
+    ap.add_argument("--summarise-only", action="store_true", help="re-read the run directories of an earlier call")
+    ap.add_argument("--out", default=str(BENCH / "results" / "vs_grpo.json"))
+    args = ap.parse_args()
+    unknown = [v for v in args.essa if v not in ESSA_VARIANTS]
+    if unknown:
+        raise SystemExit(f"--essa: unknown variant(s) {unknown}; expected some of {sorted(ESSA_VARIANTS)}")
+
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    train, held = write_data(work, args.held_out)
+    common = common_overrides(train, held, args)
+    if args.sft_adapter:
+        adapter, sft_info = Path(args.sft_adapter), {"path": args.sft_adapter, "given": True}
+    else:
+        adapter, sft_info = sft_adapter(work, common, args)
+    todo = jobs(args, common, adapter, work)
+    state = work / "jobs.json"
+    t0 = time.perf_counter()
+    if args.summarise_only:
+        todo = json.loads(state.read_text())
+    else:
+        run_all(todo, args.parallel, work)
+        state.write_text(json.dumps(todo, indent=1))
+    result = summarise(todo, work, args)
+    out = {
+        "benchmark": "ESSA vs GRPO (TRL) at equal training time (validation excluded), same SFT start, same reward and held-out set",
+        "command": "python bench/bench_vs_grpo.py " + " ".join(sys.argv[1:]),
+        "settings": {
+            "budget_min": args.budget_min,
+            "seeds": args.seeds,
+            "essa_variants": {v: ESSA_VARIANTS[v] for v in args.essa},
+            "grpo_learning_rates": args.grpo_lrs,
+            "grpo_group_size": args.grpo_group,
+            "grpo_prompts_per_step": args.grpo_prompts,
+            "held_out_questions": args.held_out,
+            "train_questions": TRAIN,
+            "max_new_tokens": args.max_new_tokens,
+            "parallel_runs": args.parallel,
+            "threads_per_run": 1,
+        },
+        "sft": sft_info,
+        **result,
+        "total_wall_s": time.perf_counter() - t0,
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+    print(json.dumps({"by_setting": result["by_setting"], "targets": result["targets"]}, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
