@@ -32,7 +32,7 @@ def test_train_budget_leaves_validation_out(tmp_path: Path) -> None:
     # validation alone took longer than the budget, and the run still trained for about the budget
     assert validations >= 5 and gens == validations - 1
     assert wall > 2 * 0.6
-    assert 0.6 <= gens * 0.04 * 3  # at least the budget's worth of generations (loose: sleeps overshoot)
+    assert gens * 0.04 * 3 >= 0.6  # at least the budget's worth of generations (loose: sleeps overshoot)
 
 
 @pytest.mark.parametrize("ranks", [1, 2])
