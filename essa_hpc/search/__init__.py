@@ -5,17 +5,9 @@ the same seed and drives it with ``ask(g)`` / ``tell(X, -rewards)``; ``digest()`
 across ranks and ``state_dict()`` / ``load_state_dict()`` checkpoint it.
 """
 
-from essa_hpc.search.base import (
-    FITNESS_SHAPINGS,
-    OPTIMIZERS,
-    Optimizer,
-    OptimizerError,
-    centered_ranks,
-    check_fitness,
-    make_optimizer,
-    shape_fitness,
-)
+from essa_hpc.search.base import FITNESS_SHAPINGS, Optimizer, OptimizerError, centered_ranks, check_fitness, shape_fitness
 from essa_hpc.search.cma_es import BLAS_PINNING, CMAES
+from essa_hpc.search.factory import OPTIMIZERS, make_optimizer
 
 __all__ = [
     "BLAS_PINNING",
