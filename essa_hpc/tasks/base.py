@@ -12,6 +12,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+MAX_ERRORS = 5  # distinct failure messages kept in Rewards.errors: enough to diagnose, short enough to log
+
 
 class TaskError(ValueError):
     """Bad task data or task settings; the message names the file, field, row or setting to fix."""
