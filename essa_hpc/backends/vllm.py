@@ -55,14 +55,13 @@ string is cut from the text (as in the hf backend). ``Completion.tokens`` counts
 
 Ranks, GPUs and tensor parallelism
 ----------------------------------
-One engine per MPI rank; ``backend.tensor_parallel_size = k`` GPUs per rank. On a node with g GPUs and
-local rank r (``SLURM_LOCALID`` under srun, ``OMPI_COMM_WORLD_LOCAL_RANK`` / ``MPI_LOCALRANKID`` /
-``PMI_LOCAL_RANK`` under mpirun, or ``ESSA_LOCAL_RANK`` from slurm/essa_rank.sh), the rank owns
-devices ``[r·k, (r+1)·k)`` of the node's visible list; g must equal ranks-per-node × k.
-slurm/essa_rank.sh narrows ``CUDA_VISIBLE_DEVICES`` to exactly those k entries before Python starts;
-`create` applies the same rule when it still sees more than k devices (a launch without the wrapper),
-and does nothing when exactly k are visible (SLURM ``--gpus-per-task`` already bound them) or when
-``ESSA_GPU_MAP=0``. Too few visible devices is an error that names the rank and the variables.
+One engine per MPI rank; ``backend.tensor_parallel_size = k`` GPUs per rank, placed by the one rule of
+essa_hpc.placement: local rank r (the communicator's, else the launcher's ``SLURM_LOCALID`` /
+``OMPI_COMM_WORLD_LOCAL_RANK`` / ``MPI_LOCALRANKID`` / ``PMI_LOCAL_RANK``, or ``ESSA_LOCAL_RANK`` from
+slurm/essa_rank.sh) owns devices ``[r·k, (r+1)·k)`` of the node's visible list. slurm/essa_rank.sh
+applies the rule before Python starts; `create` applies it again, which changes nothing when exactly k
+devices are visible and binds them on a launch without the wrapper (``ESSA_GPU_MAP=0``: neither
+touches CUDA_VISIBLE_DEVICES). Too few visible devices is an error that names the rank and the variables.
 
 vLLM's own processes and MPI
 ~~~~~~~~~~~~~~~~~~~~~~~~~~~~
@@ -156,6 +155,7 @@ from typing import Any
 import numpy as np
 
 from essa_hpc.backends.base import Completion, GenerationArgs, Request, resolve_generation
+from essa_hpc.placement import PlacementError, rank_gpus, visible_gpus
 from essa_hpc.svd_lora import SvdLora, export_adapter
 
 VLLM_QUANTIZATIONS = ("awq", "gptq", "fp8", "compressed-tensors", "bitsandbytes")
@@ -212,45 +212,31 @@ def candidates_per_rank(popsize: int, world: int) -> int:
 
 
 def rank_devices(local_rank: int, tp: int, visible: Sequence[str]) -> list[str]:
-    """This rank's devices: entries [local_rank·tp, (local_rank+1)·tp) of the node's visible list.
-
-    Exactly tp visible (already bound by SLURM or slurm/essa_rank.sh): kept as they are.
-    """
-    if len(visible) == tp:
-        return list(visible)
-    first = local_rank * tp
-    if first + tp > len(visible):
-        raise VLLMBackendError(
-            f"backend.tensor_parallel_size={tp}: local rank {local_rank} needs GPUs {first}..{first + tp - 1} but only "
-            f"{len(visible)} are visible (CUDA_VISIBLE_DEVICES={','.join(visible) or 'unset'}); ranks per node × "
-            "tensor_parallel_size must equal the GPUs per node (launch through slurm/essa_rank.sh, or set ESSA_GPU_MAP=0 "
-            "when the site binds GPUs itself)"
-        )
-    return list(visible[first : first + tp])
+    """essa_hpc.placement's rule for this rank; a shortfall is this backend's configuration error, named by its key."""
+    try:
+        return rank_gpus(local_rank, tp, visible)
+    except PlacementError as e:
+        raise VLLMBackendError(f"backend.tensor_parallel_size={tp}: {e}") from None
 
 
-def bind_rank_gpus(tp: int) -> list[str] | None:
+def bind_rank_gpus(local_rank: int, tp: int) -> list[str] | None:
     """Narrow CUDA_VISIBLE_DEVICES to this rank's tp devices (see module doc); None on a machine without GPUs."""
-    if os.environ.get("ESSA_GPU_MAP", "1") == "0":
+    visible = visible_gpus(count_gpus=_cuda_device_count)
+    if visible is None:
         return None
-    raw = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if raw is None:
-        try:
-            import torch
-
-            n = torch.cuda.device_count()  # NVML count; does not create a CUDA context
-        except Exception:
-            n = 0
-        if n == 0:
-            return None
-        visible = [str(i) for i in range(n)]
-    else:
-        visible = [v.strip() for v in raw.split(",") if v.strip()]
-        if not visible or visible == ["NoDevFiles"]:
-            return None
-    mine = rank_devices(_env_int(LOCAL_RANK_VARS, 0) or 0, tp, visible)
+    mine = rank_devices(local_rank, tp, visible)
     os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(mine)
     return mine
+
+
+def _cuda_device_count() -> int:
+    """GPUs of this node when CUDA_VISIBLE_DEVICES is unset (NVML's count: no CUDA context is created)."""
+    try:
+        import torch
+
+        return int(torch.cuda.device_count())
+    except Exception:
+        return 0
 
 
 def cpu_bind_for_rank(local_rank: int, ranks_on_node: int, tp: int, cores: Sequence[int]) -> str:
@@ -1112,13 +1098,17 @@ def _dtype(dtype: str) -> str:
     return "float32" if _on_cpu() else "bfloat16"
 
 
-def create(cfg: Any, loaded: Any, svd: SvdLora | None) -> VLLMBackend:
-    """make_backend's entry: one engine for this rank over model.path with this rank's GPUs."""
+def create(cfg: Any, loaded: Any, svd: SvdLora | None, local_rank: int | None = None) -> VLLMBackend:
+    """make_backend's entry: one engine for this rank over model.path with this rank's GPUs.
+
+    ``local_rank`` is the rank's index on its node (the communicator's); None reads the launcher's
+    variables, as slurm/essa_rank.sh does.
+    """
     b, m = cfg.backend, cfg.model
     tp = int(b.tensor_parallel_size)
     model, tokenizer = _model_source(cfg, loaded)
     quant = vllm_quantization(m.quantization, model)  # before the engine: a wrong checkpoint fails fast
-    bind_rank_gpus(tp)
+    bind_rank_gpus(local_rank if local_rank is not None else _env_int(LOCAL_RANK_VARS, 0) or 0, tp)
     world = _env_int(WORLD_VARS, 1) or 1
     popsize = int(getattr(cfg.search, "popsize", 1) or 1)
     max_loras = int(b.max_loras) or candidates_per_rank(popsize, world)
