@@ -11,10 +11,9 @@ about one batched generation, not λ. Before generating, the adapters are regist
 ``llm_engine.add_lora`` (which reads and validates them; a broken adapter fails here, before any
 generation); after generating they are removed with ``remove_lora`` and the folder is deleted (also on
 error, and ``close()`` removes the whole root). vLLM 0.32's public API loads adapters from a path only
-(``LoRARequest.lora_path``; no tensor-based ``add_lora``), hence the RAM folder. Measured swap cost
-(export + add_lora + remove/delete, bench/results/vllm.json): ~30-65 ms per rank-8 adapter of the
-135M model on 2 shared CPU cores (machine-dependent), i.e. 1-2 s per generation at λ = 32, ~4-7 % of
-the generate call.
+(``LoRARequest.lora_path``; no tensor-based ``add_lora``), hence the RAM folder: the swap (export +
+add_lora + remove/delete) then costs file writes in memory, a small share of the generate call
+(bench/bench_vllm.py measures it).
 
 Engine sizing: ``max_loras`` = ``backend.max_loras``, by default (0) this rank's candidate count
 ceil(λ / ranks), so every candidate is resident during the one generate call (a smaller value saves GPU
@@ -83,7 +82,7 @@ inheriting them is harmless. What matters:
 * only this rank's engine and its children touch this rank's GPUs (CUDA_VISIBLE_DEVICES above), and
   the MPI collectives stay in the parent process: vLLM never sees the communicator.
 
-Ranks other than 0 set ``VLLM_LOGGING_LEVEL=WARNING`` (DESIGN: rank 0 alone prints).
+Ranks other than 0 set ``VLLM_LOGGING_LEVEL=WARNING`` (docs/design.md, "Quality bars": rank 0 alone prints).
 
 Quantized base models
 ---------------------
@@ -98,15 +97,12 @@ an unquantized checkpoint is vLLM's dynamic FP8. The paper's Qwen2.5-72B INT4 = 
 backend.tensor_parallel_size 1: one GPU per rank). int8 / int4 are the hf backend's on-the-fly
 quantizers and are refused here with a pointer to a pre-quantized checkpoint.
 
-Quantized + LoRA has run on no GPU here (none was lent). On this CPU (vllm-cpu 0.32) it runs for
-compressed-tensors checkpoints of the embedded model built by ``bench/bench_vllm_quantized.py``:
-INT8 W8A8 with float32 activations (once `_cpu_lora_device` answers vLLM's LoRA set-up, which read
-``layer.weight.device`` of a weight the oneDNN int8 kernel had released) and INT4 W4A16 (groups of 64)
-with bfloat16 activations (the wheel's int4 kernel takes no float32), λ = 4 LoRA candidates on top,
-every candidate distinct (W8A8: 1.8× the float checkpoint's tokens/s, 27/32 completions agree with
-float on their first 16 characters; W4A16 with round-to-nearest scales drifts far from float on a
-135M model: bench/results/vllm_quantized.json). On a GPU with CUDA vLLM the same script measures
-AWQ-class checkpoints' agreement and speed.
+On vllm-cpu, LoRA runs on compressed-tensors checkpoints (``bench/bench_vllm_quantized.py`` builds
+them from the embedded model): INT8 W8A8 with float32 activations (once
+essa_hpc.backends.vllm_cpu_lora answers vLLM's LoRA set-up for a weight the oneDNN int8 kernel
+released) and INT4 W4A16 with bfloat16 activations (the wheel's int4 kernel takes no float32). The
+same script measures agreement with float and speed, on the CPU or on a GPU with CUDA vLLM
+(bench/results/vllm_quantized.json).
 
 On the CPU (vllm-cpu, `make vllm-env`)
 -------------------------------------

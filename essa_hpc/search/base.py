@@ -1,6 +1,6 @@
 """The optimizer interface the run loop talks to, and the helpers every optimizer shares.
 
-ESSA's distribution scheme (DESIGN.md, "One generation") needs exactly this from an optimizer: every
+ESSA's distribution scheme (docs/design.md, "One generation") needs exactly this from an optimizer: every
 rank builds the same optimizer from the same seed, calls ``ask(g)`` and gets the same candidates
 without any communication, evaluates its share, and after the one Allgather calls ``tell`` with the
 same fitness vector, so the states stay bit-identical. ``digest()`` lets the ranks check that they

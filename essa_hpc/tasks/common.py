@@ -88,7 +88,7 @@ def file_splits(
 
     Train: task.path (else ``default_path``). Validation, first that applies: task.val_path; the
     default validation file when task.path is unset; a validation/test split inside the task.path
-    folder or DatasetDict; else a fixed held-out slice of train (DESIGN: ``data.held_out``). The
+    folder or DatasetDict; else a fixed held-out slice of train (``tasks.data.held_out``). The
     validation split is then cut to its first eval.size examples; eval.split=train validates on the
     first eval.size training examples instead.
     """
