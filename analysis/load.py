@@ -1,4 +1,4 @@
-"""Run logs (``log.h5``, DESIGN.md "HDF5 log", essa_hpc/runlog.py) into tidy pandas tables.
+"""Run logs (``log.h5``, docs/design.md "HDF5 log", essa_hpc/runlog.py) into tidy pandas tables.
 
     runs = load_runs(["runs/a/log.h5", "runs/b"])     # files, run directories or glob patterns
     runs.generations()   # run, gen, wall_time, train_time, reward stats, sigma, failures, tokens, times

@@ -35,6 +35,7 @@ from analysis.load import (
     time_to_target,
     tokens_per_sample,
 )
+from essa_hpc.exit_codes import BAD_INPUT, OK
 
 TARGET_FRACTION = 0.9  # default target: 90 % of the improvement every run achieved (see default_target)
 
@@ -627,9 +628,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         res = build_report(args)
     except LogError as e:
         print(f"analysis.report: {e}", file=sys.stderr)
-        return 2
+        return BAD_INPUT
     print(f"analysis.report: {len(res['runs'])} run(s) -> {res['summary_md']} and {len(res['figures'])} figure files")
-    return 0
+    return OK
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Per-generation engine overhead of the real run loop: ask + tell + the Allgather + record checks.
 
 Runs ``python -m essa_hpc.run`` with the fake backend (no model, no sleep) under ``mpiexec -n R`` for
-the solution lengths of the issue (d = 1,792: 7B r8; 7,168: 7B r32; 20,480: 72B scale) and λ = 24, 96,
+the solution lengths of the presets (d = 1,792: 7B r8; 7,168: 7B r32; 20,480: 72B scale) and λ = 24, 96,
 400, sep-CMA and full CMA (where its d×d covariance fits and its eigendecomposition finishes), and
 reads the phase timings back from each run's HDF5 log. Overhead per generation = the "other" phase
 (ask, minibatch, record building) + "allgather" + "tell" (checks, combine, tell), median over

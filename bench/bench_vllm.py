@@ -104,7 +104,7 @@ def bench_ops(tokens: int = 64, adapters: int = 32, rank: int = 8, hidden: int =
     from vllm.lora.punica_wrapper import punica_cpu
     from vllm.lora.punica_wrapper.utils import compute_meta
 
-    from essa_hpc.backends import vllm as V
+    from essa_hpc.backends import vllm_cpu_lora as V
 
     V.patch_cpu_lora_ops()
     g = torch.Generator().manual_seed(0)
@@ -143,7 +143,7 @@ def bench_linear(adapters: int = 32, rank: int = 8, hidden: int = 576, widths: t
     from vllm.lora.layers.utils import LoRAMapping
     from vllm.lora.punica_wrapper import punica_cpu
 
-    from essa_hpc.backends import vllm as V
+    from essa_hpc.backends import vllm_cpu_lora as V
 
     V.patch_cpu_lora_ops()
     g = torch.Generator().manual_seed(0)

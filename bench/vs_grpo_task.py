@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from essa_hpc.rewards.answers import last_boxed, numbers_equal, parse_number
+from essa_hpc.tasks.answers import last_boxed, numbers_equal, parse_number
 
 FORMAT_CREDIT = 0.1
 

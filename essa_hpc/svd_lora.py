@@ -20,7 +20,7 @@ set). Example, 2 layers × (q, v), r = 2, α = 1:
     x = [L0.q.A σ1, L0.q.A σ2, L0.q.B σ1, L0.q.B σ2, L0.v.A σ1, …, L1.v.B σ2]      (d = 2·2·4 = 16)
 
 How x moves σ (``parametrization``):
-    offset:          σ = σ_sft + x                         (DESIGN.md; x = 0 is the SFT adapter)
+    offset:          σ = σ_sft + x                         (docs/design.md; x = 0 is the SFT adapter)
     relative:        σ = σ_sft + x·mean(σ_sft of the factor) (the default: A's values are ~10× B's after
                      SFT, so one step size cannot suit both factors in absolute units)
     multiplicative:  σ = σ_sft·exp(x)                      (keeps σ ≥ 0 and zero values at zero)
@@ -79,7 +79,7 @@ class FactorSVD:
     @classmethod
     def of(cls, M: torch.Tensor) -> FactorSVD:
         """Thin SVD in float64. LoRA factors are thin (r ≪ n), so QR first and an r×r SVD of R: the
-        same factorization as LAPACK's direct path, several times faster at 3584×8."""
+        same factorization as LAPACK's direct path, and much cheaper for a tall thin matrix."""
         M = M.detach().to(device="cpu", dtype=torch.float64)
         tall = M.shape[0] >= M.shape[1]
         Q, R = torch.linalg.qr(M if tall else M.mT)

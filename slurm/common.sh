@@ -35,8 +35,8 @@
 #   loading), and (3) Hydra's mpiexec must get TERM, not USR2. Raise the lead time when one
 #   generation takes longer: `sbatch --signal=B:USR2@900 slurm/essa_32b.sh`.
 
-ESSA_REQUEUE_EXIT_CODE=75   # essa_hpc.run.REQUEUE_EXIT_CODE
-ESSA_BAD_INPUT_EXIT_CODE=2  # essa_hpc.run.EXIT_BAD_INPUT
+ESSA_REQUEUE_EXIT_CODE=75   # essa_hpc/exit_codes.py: REQUEUE
+ESSA_BAD_INPUT_EXIT_CODE=2  # essa_hpc/exit_codes.py: BAD_INPUT
 
 essa_log() { printf 'essa: %s\n' "$*"; }
 essa_warn() { printf 'essa: warning: %s\n' "$*" >&2; }

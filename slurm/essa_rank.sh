@@ -6,10 +6,12 @@
 #
 # A rank owns ESSA_TP GPUs (1: one rank per GPU; 2 or 4: a tensor-parallel vLLM engine per rank). The
 # local rank comes from the launcher (SLURM_LOCALID under srun, OMPI_COMM_WORLD_LOCAL_RANK under Open
-# MPI, MPI_LOCALRANKID under MPICH/Intel MPI). From the GPUs the step can see (CUDA_VISIBLE_DEVICES,
-# indices or UUIDs) local rank L gets entries [L*TP, (L+1)*TP). When exactly ESSA_TP GPUs are visible,
-# SLURM already bound them to this task (--gpus-per-task) and they are kept. ESSA_GPU_MAP=0 leaves
-# CUDA_VISIBLE_DEVICES alone. No GPUs visible (CPU runs): nothing to map.
+# MPI, MPI_LOCALRANKID under MPICH/Intel MPI). The placement rule is essa_hpc/placement.py's, mirrored
+# here because it must act before Python starts (tests/test_placement.py checks that they agree): from
+# the GPUs the step can see (CUDA_VISIBLE_DEVICES, indices or UUIDs) local rank L gets entries
+# [L*TP, (L+1)*TP). When exactly ESSA_TP GPUs are visible, SLURM already bound them to this task
+# (--gpus-per-task) and they are kept. ESSA_GPU_MAP=0 leaves CUDA_VISIBLE_DEVICES alone. No GPUs
+# visible (CPU runs): nothing to map.
 # Quiet on success (rank 0 alone prints, in python); a mapping problem stops this rank with its reason.
 
 local_rank=${SLURM_LOCALID:-${OMPI_COMM_WORLD_LOCAL_RANK:-${MPI_LOCALRANKID:-${PMI_LOCAL_RANK:-0}}}}

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from essa_hpc.config import Config
-from essa_hpc.rewards.answers import last_boxed, last_number, math_equal, numeric_match, parse_number
-from essa_hpc.rewards.plugins import call_reward_fn, columns_of, load_plugin
 from essa_hpc.tasks import TaskError, make_task
+from essa_hpc.tasks.answers import last_boxed, last_number, math_equal, numeric_match, parse_number
+from essa_hpc.tasks.plugin import call_reward_fn, columns_of, load_plugin
 
 # ------------------------------------------------------------------------------------------ answers
 

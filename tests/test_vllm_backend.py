@@ -167,7 +167,7 @@ def check_cpu_lora_ops() -> dict:
     from vllm.lora.punica_wrapper import punica_cpu
     from vllm.lora.punica_wrapper.utils import compute_meta
 
-    from essa_hpc.backends import vllm as V
+    from essa_hpc.backends import vllm_cpu_lora as V
 
     ref = {name: V._ORIGINAL_OPS.get(name, getattr(punica_cpu, name)) for name in V._GROUPED_OPS}
     g = torch.Generator().manual_seed(0)
@@ -214,7 +214,7 @@ def check_cpu_add_lora_linear() -> dict:
     from vllm.lora.layers.utils import LoRAMapping
     from vllm.lora.punica_wrapper import punica_cpu
 
-    from essa_hpc.backends import vllm as V
+    from essa_hpc.backends import vllm_cpu_lora as V
 
     V.patch_cpu_lora_ops()
     g = torch.Generator().manual_seed(1)

@@ -4,7 +4,7 @@ A backend never sees rewards, ranks or the optimizer. The run loop hands it the 
 vectors this rank evaluates and a flat list of requests that index into them; a backend is free to
 batch however it likes (hf: one batched generate for the whole population; vllm: one LoRA adapter per
 candidate in one generate call; fake: an analytic function), but the completion of a request must not
-depend on what else is in the batch (DESIGN.md invariant).
+depend on what else is in the batch (the invariant of docs/design.md, "One generation").
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The optimizer interface the run loop talks to, and the helpers every optimizer shares.
 
-ESSA's distribution scheme (DESIGN.md, "One generation") needs exactly this from an optimizer: every
+ESSA's distribution scheme (docs/design.md, "One generation") needs exactly this from an optimizer: every
 rank builds the same optimizer from the same seed, calls ``ask(g)`` and gets the same candidates
 without any communication, evaluates its share, and after the one Allgather calls ``tell`` with the
 same fitness vector, so the states stay bit-identical. ``digest()`` lets the ranks check that they
@@ -13,14 +13,10 @@ called for ``g == generation`` (the number of completed ``tell`` calls).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from essa_hpc.config import SearchSection
-
-OPTIMIZERS = ("cma",)
 FITNESS_SHAPINGS = ("none", "centered_ranks")
 
 
@@ -76,22 +72,6 @@ class Optimizer(Protocol):
     def digest(self) -> str:
         """sha256 hex of the full optimizer state; equal on every rank that did the same work."""
         ...
-
-
-def make_optimizer(cfg: SearchSection, dim: int, seed: int) -> Optimizer:
-    """The optimizer ``cfg.optimizer`` for solution length ``dim``, seeded with ``seed`` (run.seed)."""
-    if cfg.optimizer not in OPTIMIZERS:
-        raise ValueError(f"search.optimizer: expected one of {OPTIMIZERS}, got {cfg.optimizer!r}")
-    from essa_hpc.search.cma_es import CMAES
-
-    return CMAES(
-        dim=dim,
-        popsize=cfg.popsize,
-        sigma0=cfg.sigma0,
-        seed=seed,
-        diagonal=cfg.diagonal,
-        fitness_shaping=cfg.fitness_shaping,
-    )
 
 
 def check_fitness(fitness: Any, popsize: int, gen: int) -> np.ndarray:

@@ -6,7 +6,7 @@ run and its resume) diverge, and checks how the run loop drives it:
 * **Random numbers.** pycma draws every N(0, I) vector through its ``randn`` option (called as
   ``randn(number, dim)``: the z_k of Hansen 2016, eq. (38)). We pass a :class:`GenerationNormals`
   that draws from the optimizer's own ``numpy.random.Generator``, re-seeded at every ``ask(g)`` from
-  ``SeedSequence(seed, spawn_key=(STREAM_TAG, g))`` (DESIGN.md: "seeded from (run.seed, g)"). pycma's
+  ``SeedSequence(seed, spawn_key=(STREAM_TAG, g))`` (docs/design.md, "One generation", step 1). pycma's
   ``seed`` option is NaN ("do nothing"), so pycma never seeds or reads the global ``np.random``; the
   few places where pycma itself touches the global RNG (the TPA consistency check in ``tell`` uses
   ``np.random.randint``; ``Mh.sround`` for mirrors, which we switch off) cannot change results, and the

@@ -18,8 +18,7 @@ __all__ = ["Example", "Rewards", "Task", "TaskError", "check_prompt_lengths", "m
 
 def make_task(cfg: Config) -> Task:
     """The task the config asks for, with its data loaded and checked. Raises TaskError."""
-    from essa_hpc.rewards.plugins import Plugin, load_plugin, load_plugins  # here: rewards imports tasks.base
-    from essa_hpc.tasks.common import WithPlugins
+    from essa_hpc.tasks.plugin import Plugin, PluginTask, WithPlugins, load_plugin, load_plugins
 
     t = cfg.task
     extra = load_plugins(t.plugins, t.plugin_weights)
@@ -30,8 +29,6 @@ def make_task(cfg: Config) -> Task:
 
         task = FakeTask(cfg)
     elif main_plugin is not None:
-        from essa_hpc.tasks.plugin import PluginTask
-
         task = PluginTask(cfg, main_plugin)
     elif t.name == "arithmetic":
         from essa_hpc.tasks.arithmetic import ArithmeticTask

@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from essa_hpc.config import Config
-from essa_hpc.rewards.answers import last_boxed, numbers_equal, parse_number
+from essa_hpc.tasks.answers import last_boxed, numbers_equal, parse_number
 from essa_hpc.tasks.base import Example, TaskError
 from essa_hpc.tasks.common import MATH_SYSTEM_PROMPT, ScoredTask
 

@@ -1,7 +1,7 @@
 """What every task provides: examples (train and validation) and a reward for completions.
 
 Tasks know nothing about models or ranks. Minibatches are drawn from (run seed, generation) so every
-rank, and every rank count, sees the same prompts (DESIGN.md "One generation", step 2).
+rank, and every rank count, sees the same prompts (docs/design.md, "One generation", step 2).
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
+
+MAX_ERRORS = 5  # distinct failure messages kept in Rewards.errors: enough to diagnose, short enough to log
 
 
 class TaskError(ValueError):

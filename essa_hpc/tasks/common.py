@@ -1,4 +1,4 @@
-"""Shared pieces of the built-in tasks: the scoring loop, file-backed splits, plugins on top."""
+"""Shared pieces of the built-in tasks: the scoring loop and file-backed splits."""
 
 from __future__ import annotations
 
@@ -9,8 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from essa_hpc.config import Config
-from essa_hpc.rewards.plugins import MAX_ERRORS, Plugin, score_plugins
-from essa_hpc.tasks.base import Example, Rewards, Task, TaskError
+from essa_hpc.tasks.base import MAX_ERRORS, Example, Rewards, TaskError
 from essa_hpc.tasks.data import Record, held_out, read_records, require_nonempty, validation_source
 
 MATH_SYSTEM_PROMPT = "Please reason step by step and place your final answer in \\boxed{}."
@@ -70,38 +69,6 @@ class ScoredTask:
         return Rewards(values=values, failures=failures, errors=errors, components=comps)
 
 
-class WithPlugins:
-    """A built-in task with reward plugins added on top: reward = base + Σ weight · plugin."""
-
-    def __init__(self, base: Task, plugins: Sequence[Plugin], timeout_s: float, failure_reward: float) -> None:
-        self.base = base
-        self.plugins = list(plugins)
-        self.timeout_s = timeout_s
-        self.failure_reward = failure_reward
-        self.name = base.name
-        self.system_prompt = base.system_prompt
-        self.correct_threshold = float(getattr(base, "correct_threshold", 1.0))
-
-    def train(self) -> Sequence[Example]:
-        return self.base.train()
-
-    def validation(self) -> Sequence[Example]:
-        return self.base.validation()
-
-    def reward(self, examples: Sequence[Example], completions: Sequence[str]) -> Rewards:
-        check_lengths(examples, completions, self.name)
-        r = self.base.reward(examples, completions)
-        extra = score_plugins(self.plugins, examples, completions, self.timeout_s, self.failure_reward)
-        comps = {**r.components, "base": r.values, **extra.components}
-        return Rewards(
-            values=r.values + extra.values,
-            failures=r.failures + extra.failures,
-            timeouts=r.timeouts + extra.timeouts,
-            components=comps,
-            errors=(r.errors + extra.errors)[:MAX_ERRORS],
-        )
-
-
 def unique_ids(examples: Sequence[Example], what: str) -> None:
     """Example ids key caches (rendered prompts, checkers): two different examples may not share one."""
     seen: dict[str, Example] = {}
@@ -121,7 +88,7 @@ def file_splits(
 
     Train: task.path (else ``default_path``). Validation, first that applies: task.val_path; the
     default validation file when task.path is unset; a validation/test split inside the task.path
-    folder or DatasetDict; else a fixed held-out slice of train (DESIGN: ``data.held_out``). The
+    folder or DatasetDict; else a fixed held-out slice of train (``tasks.data.held_out``). The
     validation split is then cut to its first eval.size examples; eval.split=train validates on the
     first eval.size training examples instead.
     """

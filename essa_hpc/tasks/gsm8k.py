@@ -19,7 +19,7 @@ import re
 from collections.abc import Sequence
 
 from essa_hpc.config import Config
-from essa_hpc.rewards.answers import numeric_match, parse_number
+from essa_hpc.tasks.answers import numeric_match, parse_number
 from essa_hpc.tasks.base import Example, TaskError
 from essa_hpc.tasks.common import MATH_SYSTEM_PROMPT, ScoredTask, file_splits
 from essa_hpc.tasks.data import Record, field_value, shared_data_dir

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from essa_hpc.config import Config
-from essa_hpc.rewards.answers import last_boxed, math_equal
+from essa_hpc.tasks.answers import last_boxed, math_equal
 from essa_hpc.tasks.base import Example, TaskError
 from essa_hpc.tasks.common import MATH_SYSTEM_PROMPT, ScoredTask, file_splits
 from essa_hpc.tasks.data import Record, field_value

@@ -1,0 +1,32 @@
+"""``make_optimizer``: the one place that maps ``search.optimizer`` to an optimizer class.
+
+It sits above ``base`` (the interface and shared helpers) and every optimizer module, so each
+optimizer imports only ``base`` and a new one (full-parameter ES, QES) is one more import and one more
+branch here, never an import back into ``base``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from essa_hpc.search.base import Optimizer
+from essa_hpc.search.cma_es import CMAES
+
+if TYPE_CHECKING:
+    from essa_hpc.config import SearchSection
+
+OPTIMIZERS = ("cma",)
+
+
+def make_optimizer(cfg: SearchSection, dim: int, seed: int) -> Optimizer:
+    """The optimizer ``cfg.optimizer`` for solution length ``dim``, seeded with ``seed`` (run.seed)."""
+    if cfg.optimizer not in OPTIMIZERS:
+        raise ValueError(f"search.optimizer: expected one of {OPTIMIZERS}, got {cfg.optimizer!r}")
+    return CMAES(
+        dim=dim,
+        popsize=cfg.popsize,
+        sigma0=cfg.sigma0,
+        seed=seed,
+        diagonal=cfg.diagonal,
+        fitness_shaping=cfg.fitness_shaping,
+    )
