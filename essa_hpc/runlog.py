@@ -1,18 +1,21 @@
-"""The HDF5 run log (``log.h5``), written by rank 0 only; schema in DESIGN.md ("HDF5 log").
+"""The HDF5 run log (``log.h5``), written by rank 0 only; schema in docs/design.md ("HDF5 log").
 
 Every dataset is created up front, resizable and chunked, and the file is then switched to SWMR mode,
 so ``h5py.File(path, "r", libver="latest", swmr=True)`` can follow a live run and the file stays
 readable after a crash up to the last flushed generation. SWMR forbids creating datasets or attributes
 later; that is why validation metric names are declared when the log is opened.
 
-Datasets beyond DESIGN.md's table (documented here):
+Datasets beyond the design document's table (documented here):
     /gen/failures, /gen/timeouts  (G,) int64   reward-function failures / timeouts per generation
     /gen/reward_mean, /gen/reward_max (G,)     convenience summaries of /gen/rewards
     /gen/digest    (G,) S16                    optimizer-state digest checked at that generation
     /eval/<metric> (E,)                        metric names given at creation (accuracy, pass@k, ...)
-/gen/timings phases are dist.PHASES. The phases measured after the generation's Allgather
-(allgather, tell, log, checkpoint, eval) travel in the next generation's records, so row g's late
-phases are filled when generation g+1 is logged (the last row at close).
+/gen/timings phases are phases.PHASES. The phases measured after the generation's Allgather
+(phases.LATE) travel in the next generation's records, so row g's late phases are filled when
+generation g+1 is logged (the last row after the loop); phases.py owns that rule.
+
+The other ranks hold a ``NullLog``: the loop calls the same methods on every rank, and only rank 0's
+calls write.
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ import h5py
 import numpy as np
 
 from essa_hpc import __version__
-from essa_hpc.dist import DIGEST_BYTES, PHASES
+from essa_hpc.dist import DIGEST_BYTES
+from essa_hpc.phases import PHASES
 
 SCHEMA_VERSION = 1
 
@@ -207,7 +211,7 @@ class RunLog:
         self.f.flush()
 
     def patch_late_timings(self, gen: int, late: np.ndarray) -> None:
-        """Fill the after-Allgather phases of generation `gen` (see module docstring)."""
+        """Fill the after-Allgather phases of generation `gen` (phases.LATE; see the module docstring)."""
         ds = self.f["gen/timings"]
         row = ds[gen]
         mask = late > 0
@@ -236,6 +240,27 @@ class RunLog:
         if self.f.id.valid:
             self.f.flush()
             self.f.close()
+
+
+class NullLog:
+    """The run log of ranks other than 0: the same calls, nothing written."""
+
+    generations = 0
+
+    def append_generation(self, **row: Any) -> None:
+        pass
+
+    def patch_late_timings(self, gen: int, late: np.ndarray) -> None:
+        pass
+
+    def append_eval(self, gen: int, wall_time: float, metrics: dict[str, float]) -> None:
+        pass
+
+    def write_final(self, mean: np.ndarray, best: np.ndarray | None) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def _now() -> str:
