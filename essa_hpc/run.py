@@ -22,8 +22,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,7 @@ import numpy as np
 
 from essa_hpc import checkpoint, dist
 from essa_hpc.config import Config, ConfigError, describe, load_config
+from essa_hpc.evaluation import build_evaluator, score, validate
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "preempted, checkpointed, please requeue"; slurm/ scripts rely on it
 EXIT_BAD_INPUT = 2
@@ -96,24 +96,6 @@ def bad_input_errors() -> tuple[type[BaseException], ...]:
 
 # ----------------------------------------------------------------------------------------------------
 # pieces the loop uses
-
-
-@dataclass
-class Evaluator:
-    """How a generation's requests become rewards on this rank: a backend plus a task."""
-
-    backend: Any
-    task: Any
-    render: Callable[[Any], str]
-    export: Callable[[np.ndarray, Path], None] | None  # writes a PEFT adapter for a vector (None: fake)
-    metric_names: list[str]
-    summarize: Callable[[list[list[float]]], dict[str, float]]
-    train: Sequence[Any] = field(default_factory=list)
-    validation: Sequence[Any] = field(default_factory=list)
-
-    @property
-    def dim(self) -> int:
-        return int(self.backend.solution_length)
 
 
 class StopFlag:
@@ -187,113 +169,6 @@ def write_run_dir(cfg: Config) -> None:
     tmp = run_dir / ".config.yaml.tmp"
     tmp.write_text(f"# launch: python -m essa_hpc.run --config {run_dir / 'config.yaml'}\n" + cfg.to_yaml())
     tmp.replace(run_dir / "config.yaml")
-
-
-def build_evaluator(cfg: Config, comm: dist.Comm) -> Evaluator:
-    """Model, task, SVD-LoRA and backend; rank 0 creates shared files first, the others wait."""
-    from essa_hpc import metrics
-    from essa_hpc.tasks import make_task
-
-    task = make_task(cfg)
-    threshold = float(getattr(task, "correct_threshold", 1.0))
-
-    def summarize(per_prompt: list[list[float]]) -> dict[str, float]:
-        return metrics.validation_metrics(per_prompt, threshold=threshold)
-
-    # SWMR logs need every dataset up front: take the metric names from a dry call. The first name is
-    # the one "best" and the progress line follow: accuracy for checkable tasks, mean reward otherwise.
-    names = list(summarize([[0.0] * cfg.eval.k]))
-    primary = "accuracy" if threshold > 0 and cfg.backend.name != "fake" else "mean_reward"
-    metric_names = [primary] + [n for n in names if n != primary]
-
-    if cfg.backend.name == "fake":
-        from essa_hpc.backends.fake import FakeBackend
-
-        return Evaluator(
-            FakeBackend(cfg.backend), task, lambda ex: ex.prompt, None, metric_names, summarize, task.train(), task.validation()
-        )
-
-    from essa_hpc import models, svd_lora
-    from essa_hpc.backends import make_backend
-
-    if comm.rank == 0:
-        models.resolve_source(cfg.model)  # converts the embedded GGUF once (atomic), before others load
-    comm.barrier()
-    # vllm loads the weights itself: give it only the tokenizer and the module shapes the SVD-LoRA needs
-    loaded = models.load_skeleton(cfg.model) if cfg.backend.name == "vllm" else models.load(cfg.model)
-    train, val = task.train(), task.validation()
-    adapter: Path | None
-    if cfg.lora.adapter:
-        adapter = Path(cfg.lora.adapter)
-    elif cfg.lora.init == "sft":
-        from essa_hpc import sft
-
-        adapter = Path()
-        if comm.rank == 0:
-            trainable = models.load(cfg.model) if cfg.backend.name == "vllm" else loaded  # SFT needs real weights
-            adapter = sft.cached_sft_adapter(cfg, trainable, train, task.system_prompt, log=print)
-            del trainable
-        adapter = Path(comm.bcast(str(adapter)))
-    else:
-        adapter = None
-    if adapter is not None:
-        svd = svd_lora.from_peft_dir(
-            adapter, cfg.lora.alpha_fraction, cfg.lora.parametrization, model=loaded.model, targets=cfg.lora.targets
-        )
-    else:
-        svd = svd_lora.random_init(
-            loaded.model,
-            cfg.lora.rank,
-            cfg.lora.lora_alpha,
-            cfg.lora.targets,
-            cfg.run.seed,
-            alpha_fraction=cfg.lora.alpha_fraction,
-            parametrization=cfg.lora.parametrization,
-        )
-    backend = make_backend(cfg, loaded, svd)
-    cache: dict[str, str] = {}
-
-    def render(ex: Any) -> str:
-        if ex.id not in cache:
-            cache[ex.id] = models.render_chat(loaded.tokenizer, ex.prompt, task.system_prompt)
-        return cache[ex.id]
-
-    def export(x: np.ndarray, out: Path) -> None:
-        svd_lora.export_adapter(svd, x, out, base_model_name_or_path=cfg.model.path)
-
-    return Evaluator(backend, task, render, export, metric_names, summarize, train, val)
-
-
-def score(
-    ev: Evaluator,
-    vectors: np.ndarray,
-    items: list[tuple[int, Any, int]],
-    max_new_tokens: int | None = None,
-    temperature: float | None = None,
-) -> tuple[np.ndarray, np.ndarray, int, int, float, float]:
-    """Generate and reward (candidate row, example, seed) items: rewards, tokens, failures, timeouts, seconds."""
-    from essa_hpc.backends.base import Request
-
-    t0 = time.perf_counter()
-    reqs = [Request(c, ev.render(ex), s) for c, ex, s in items]
-    outs = ev.backend.generate(vectors, reqs, max_new_tokens=max_new_tokens, temperature=temperature) if reqs else []
-    t1 = time.perf_counter()
-    r = ev.task.reward([ex for _, ex, _ in items], [o.text for o in outs]) if items else None
-    t2 = time.perf_counter()
-    values = np.asarray(r.values if r is not None else [], dtype=np.float64)
-    tokens = np.asarray([o.tokens for o in outs], dtype=np.int64)
-    return values, tokens, (r.failures if r else 0), (r.timeouts if r else 0), t1 - t0, t2 - t1
-
-
-def validate(ev: Evaluator, cfg: Config, comm: dist.Comm, vec: np.ndarray) -> dict[str, float]:
-    """Validation of one vector, sharded over ranks; identical metrics on every rank."""
-    exs = list(ev.validation)[: cfg.eval.size]
-    lo, hi = dist.shard(len(exs), comm.size, comm.rank)
-    items = [(0, exs[i], dist.validation_seed(cfg.run.seed, i, s)) for i in range(lo, hi) for s in range(cfg.eval.k)]
-    values, *_ = score(ev, vec[None, :], items, temperature=cfg.eval.temperature)
-    mine = [values[j * cfg.eval.k : (j + 1) * cfg.eval.k].tolist() for j in range(hi - lo)]
-    per_prompt = [row for part in comm.allgather(mine) for row in part]
-    return ev.summarize(per_prompt)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -385,7 +260,9 @@ def run(cfg: Config, comm: dist.Comm, resume: bool = False) -> int:
         row = {c: i for i, c in enumerate(cands)}
         items = [(row[w.cand], batch[p], dist.sample_seed(int(seeds[w.cand]), p)) for w in mine for p in range(w.lo, w.hi)]
         t_prep = time.perf_counter() - tg
-        values, tokens, failures, timeouts, t_gen, t_rew = score(ev, X[cands], items)
+        scores = score(ev, X[cands], items)
+        values, tokens, failures, timeouts = scores.rewards, scores.tokens, scores.failures, scores.timeouts
+        t_gen, t_rew = scores.generate_s, scores.reward_s
 
         # --- one Allgather of fixed-size records -------------------------------------------------
         recs = np.zeros(max(1, len(mine)), dtype=dist.RECORD)
