@@ -236,6 +236,13 @@ class RunLog:
         self.f["final/written"][()] = 1
         self.f.flush()
 
+    def finish(self, late: np.ndarray, mean: np.ndarray, best: np.ndarray | None) -> None:
+        """After the loop: the last generation's late phases (gathered [world, PHASES]), the final vectors, close."""
+        if self.generations:
+            self.patch_late_timings(self.generations - 1, late)
+        self.write_final(mean, best)
+        self.close()
+
     def close(self) -> None:
         if self.f.id.valid:
             self.f.flush()
@@ -257,6 +264,9 @@ class NullLog:
         pass
 
     def write_final(self, mean: np.ndarray, best: np.ndarray | None) -> None:
+        pass
+
+    def finish(self, late: np.ndarray, mean: np.ndarray, best: np.ndarray | None) -> None:
         pass
 
     def close(self) -> None:
