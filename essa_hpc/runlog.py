@@ -127,17 +127,17 @@ class RunLog:
         tmp.replace(self.path)
 
     def _create(self, config_json: str, hostnames: list[str]) -> None:
-        f, lam, d, R = self.f, self.popsize, self.dim, self.world
+        f, popsize, dim, world = self.f, self.popsize, self.dim, self.world
         f.attrs.update(
             {
                 "config": config_json,
                 "version": __version__,
                 "schema_version": SCHEMA_VERSION,
                 "git_sha": git_sha(),
-                "world_size": R,
+                "world_size": world,
                 "hostnames": json.dumps(hostnames),
-                "popsize": lam,
-                "solution_length": d,
+                "popsize": popsize,
+                "solution_length": dim,
                 "started_at": _now(),
                 "library_versions": json.dumps(library_versions()),
                 "resumed_at": "",
@@ -150,12 +150,12 @@ class RunLog:
                 name, shape=(0, *shape), maxshape=(None, *shape), dtype=dtype, chunks=(64, *shape) if shape else (256,)
             )
 
-        ds(g, "rewards", (lam,), np.float64)
-        ds(g, "seeds", (lam,), np.uint64)
+        ds(g, "rewards", (popsize,), np.float64)
+        ds(g, "seeds", (popsize,), np.uint64)
         ds(g, "sigma", (), np.float64)
         ds(g, "wall_time", (), np.float64)
-        ds(g, "timings", (R, len(PHASES)), np.float64).attrs["phases"] = json.dumps(list(PHASES))
-        ds(g, "tokens", (R,), np.int64)
+        ds(g, "timings", (world, len(PHASES)), np.float64).attrs["phases"] = json.dumps(list(PHASES))
+        ds(g, "tokens", (world,), np.int64)
         ds(g, "failures", (), np.int64)
         ds(g, "timeouts", (), np.int64)
         ds(g, "reward_mean", (), np.float64)
@@ -165,8 +165,8 @@ class RunLog:
         for name in ("gen", "wall_time", *self.metrics):
             ds(e, name, (), np.int64 if name == "gen" else np.float64)
         fin = f.create_group("final")
-        fin.create_dataset("mean", shape=(d,), dtype=np.float64, fillvalue=np.nan)
-        fin.create_dataset("best", shape=(d,), dtype=np.float64, fillvalue=np.nan)
+        fin.create_dataset("mean", shape=(dim,), dtype=np.float64, fillvalue=np.nan)
+        fin.create_dataset("best", shape=(dim,), dtype=np.float64, fillvalue=np.nan)
         fin.create_dataset("written", shape=(), dtype=np.uint8, data=0)
 
     @property
