@@ -56,7 +56,7 @@ def main() -> None:
     from essa_hpc import dist, models
     from essa_hpc.backends.base import Request
     from essa_hpc.config import load_config
-    from essa_hpc.run import build_evaluator
+    from essa_hpc.evaluation import build_evaluator
 
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)

@@ -1,18 +1,24 @@
-"""Atomic checkpoints and resume (DESIGN.md step 6, issue 7).
+"""Atomic checkpoints and resume (docs/design.md, "Run directory").
 
-A checkpoint is one pickle holding everything the loop needs to continue bit-identically: the next
-generation, the optimizer state (which owns its RNG), the best validation point so far, the elapsed
-wall time and the config digest. Minibatches and sampling seeds are pure functions of (run.seed,
-generation), so they need no state. Written by rank 0 only: temp file, fsync, rename, fsync of the
-folder; the previous checkpoint is kept as ``previous.pkl`` until the new one is in place.
+A checkpoint is one pickle holding everything the loop needs to continue bit-identically: the
+``State`` below (the next generation, the optimizer state, which owns its RNG, the validations and the
+best validation point so far, the elapsed wall time) and the config digest. Minibatches and sampling
+seeds are pure functions of (run.seed, generation), so they need no state. On disk the state is a
+plain dict of builtins and numpy arrays, not a pickled class, so a checkpoint stays readable when the
+code around it moves. Written by rank 0 only: temp file, fsync, rename, fsync of the folder; the
+previous checkpoint is kept as ``previous.pkl`` until the new one is in place.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 FORMAT = 1
 NAME = "latest.pkl"
@@ -20,6 +26,56 @@ NAME = "latest.pkl"
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used for this run; the message says why and what to do."""
+
+
+@dataclass
+class Best:
+    """The best validation so far: its primary metric, the vector that scored it and its generation."""
+
+    value: float = -math.inf
+    vector: np.ndarray | None = None
+    gen: int = -1
+
+
+@dataclass
+class State:
+    """What a run carries from one generation to the next beyond what (run.seed, generation) determines."""
+
+    gen: int = 0  # the next generation to run
+    optimizer: dict[str, Any] = field(default_factory=dict)  # Optimizer.state_dict()
+    elapsed: float = 0.0  # wall seconds spent before this start (the time budget counts them)
+    trained: float = 0.0  # training seconds before this start, validation excluded (run.train_budget_s)
+    best: Best = field(default_factory=Best)
+    evals: list[tuple[int, dict[str, float]]] = field(default_factory=list)  # (generation, metrics) per validation
+
+    def record_validation(self, gen: int, metrics: dict[str, float], vector: np.ndarray, primary: str) -> None:
+        self.evals.append((gen, metrics))
+        if metrics[primary] > self.best.value:
+            self.best = Best(metrics[primary], vector.copy(), gen)
+
+    def to_dict(self) -> dict[str, Any]:
+        best = {"value": self.best.value, "vector": self.best.vector, "gen": self.best.gen}
+        return {
+            "gen": self.gen,
+            "optimizer": self.optimizer,
+            "elapsed": self.elapsed,
+            "trained": self.trained,
+            "best": best,
+            "evals": self.evals,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> State:
+        # "trained" is absent in checkpoints written before run.train_budget_s existed
+        return cls(d["gen"], d["optimizer"], d["elapsed"], float(d.get("trained", 0.0)), Best(**d["best"]), d["evals"])
+
+
+def save_state(run_dir: Path, state: State, config_digest: str) -> Path:
+    return save(run_dir, {**state.to_dict(), "config_digest": config_digest})
+
+
+def load_state(run_dir: Path, config_digest: str) -> State:
+    return State.from_dict(load(run_dir, config_digest))
 
 
 def path_in(run_dir: Path) -> Path:

@@ -1,7 +1,9 @@
 """The communicator: the only module that imports MPI.
 
 Every rank runs the same optimizer from the same seed, so what crosses the network per generation is
-one ``Allgather`` of fixed-size records (DESIGN.md, "One generation", steps 3-5):
+one ``Allgather`` of fixed-size records (docs/design.md, "One generation"). A rank packs what it has
+to say as small named records (``Scored`` per piece of work, one ``Report`` per rank) and ``unpack``
+turns the gathered array back into one named ``Gathered``, checked; no caller touches the fields:
 
     (valid, stop, candidate, part, seed, reward_fx, n, failures, timeouts, tokens, digest, timings[K])
 
@@ -9,7 +11,7 @@ one ``Allgather`` of fixed-size records (DESIGN.md, "One generation", steps 3-5)
 associative, so a candidate whose minibatch is split across ranks sums to exactly the same value as
 one evaluated whole on one rank: the logged rewards are bit-identical for every world size. The
 optimizer digest of the state *before* this generation's ``ask`` rides in the same records, so the
-state check costs no extra collective.
+state check costs no extra collective, and so do the stop requests and the phase timings (phases.py).
 
 Without ``mpiexec``/``srun`` (no PMI variables in the environment) a single-process stand-in is used
 and mpi4py is never imported.
@@ -22,13 +24,14 @@ import os
 import socket
 import sys
 import traceback
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-PHASES = ("generate", "reward", "allgather", "tell", "log", "checkpoint", "eval", "other")
+from essa_hpc.phases import PHASES
+
 FIXED_POINT = 2.0**32
 DIGEST_BYTES = 16
 
@@ -48,6 +51,8 @@ RECORD = np.dtype(
         ("timings", np.float64, (len(PHASES),)),
     ]
 )
+STOP_BUDGET = 1  # the record's stop bits: this rank's clock says run.time_budget_s is spent
+STOP_SIGNAL = 2  # a stop signal (SIGUSR2/SIGTERM) reached this rank
 
 
 class DistError(RuntimeError):
@@ -56,7 +61,7 @@ class DistError(RuntimeError):
 
 @dataclass(frozen=True)
 class Work:
-    cand: int  # candidate index in 0..λ-1
+    cand: int  # candidate index in 0..popsize-1
     part: int  # which slice of the candidate's minibatch (0 when whole)
     lo: int  # first prompt index in the minibatch
     hi: int  # one past the last
@@ -281,3 +286,79 @@ def combine(recs: np.ndarray, popsize: int) -> tuple[np.ndarray, np.ndarray, np.
 def diverged_ranks(digests: list[bytes]) -> list[int]:
     """Ranks whose optimizer digest differs from rank 0's (rank 0 is the reference)."""
     return [r for r, d in enumerate(digests) if d != digests[0]]
+
+
+# ----------------------------------------------------------------------------------------------------
+# the generation's message, by name
+
+
+@dataclass(frozen=True)
+class Scored:
+    """One piece of this rank's work, scored: its rewards (summed in fixed point when packed) and tokens."""
+
+    work: Work
+    seed: int  # the candidate's seed (checked on arrival against every rank's own)
+    rewards: np.ndarray  # float64 [work.hi - work.lo], one per prompt of the slice
+    tokens: int
+
+
+@dataclass(frozen=True)
+class Report:
+    """What a rank says once per generation besides its scores; it rides in the rank's first record."""
+
+    stop: int  # STOP_BUDGET | STOP_SIGNAL bits
+    failures: int  # reward-function failures on this rank
+    timeouts: int
+    digest: bytes  # optimizer state before this generation's ask (DIGEST_BYTES)
+    timings: np.ndarray  # float64 [len(PHASES)]: phases.Phases.outgoing()
+
+
+@dataclass(frozen=True)
+class Gathered:
+    """Every rank's records of one generation, checked against the work table and combined."""
+
+    rewards: np.ndarray  # float64 [popsize]: mean reward per candidate, from exact fixed-point sums
+    tokens: np.ndarray  # int64 [world]: tokens generated per rank
+    stop: int  # the union of every rank's stop bits: all ranks see the same and stop together
+    failures: int  # summed over ranks
+    timeouts: int
+    digests: list[bytes]  # per rank
+    timings: np.ndarray  # float64 [world, len(PHASES)]
+
+
+def scored(work: Sequence[Work], seeds: np.ndarray, rewards: np.ndarray, tokens: np.ndarray) -> list[Scored]:
+    """This rank's work with its scores, from per-prompt arrays in work order (work by work, prompt by prompt)."""
+    out, k = [], 0
+    for w in work:
+        n = w.hi - w.lo
+        out.append(Scored(w, int(seeds[w.cand]), rewards[k : k + n], int(tokens[k : k + n].sum())))
+        k += n
+    return out
+
+
+def pack(scored: Sequence[Scored], report: Report) -> np.ndarray:
+    """This rank's records: one per piece of work (at least one, which carries the report)."""
+    recs = np.zeros(max(1, len(scored)), dtype=RECORD)
+    for i, s in enumerate(scored):
+        recs[i]["valid"], recs[i]["cand"], recs[i]["part"], recs[i]["seed"] = 1, s.work.cand, s.work.part, s.seed
+        recs[i]["reward_fx"], recs[i]["n"], recs[i]["tokens"] = to_fixed(s.rewards), len(s.rewards), s.tokens
+    first = recs[0]
+    first["stop"], first["failures"], first["timeouts"] = report.stop, report.failures, report.timeouts
+    first["digest"], first["timings"] = report.digest, report.timings
+    return recs
+
+
+def unpack(recs: np.ndarray, table: list[list[Work]], popsize: int, seeds: np.ndarray) -> Gathered:
+    """The gathered [world, slots] records, checked (check_records), as one named Gathered."""
+    check_records(recs, table, popsize, seeds)
+    rewards, _, tokens = combine(recs, popsize)
+    first = recs[:, 0]
+    return Gathered(
+        rewards=rewards,
+        tokens=tokens,
+        stop=int(np.bitwise_or.reduce(first["stop"])),
+        failures=int(first["failures"].sum()),
+        timeouts=int(first["timeouts"].sum()),
+        digests=[bytes(d) for d in first["digest"]],
+        timings=np.array(first["timings"], dtype=np.float64),
+    )

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-EXIT_BAD_INPUT = 2
+from essa_hpc.exit_codes import BAD_INPUT, OK
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -62,57 +62,24 @@ def overrides(args: argparse.Namespace) -> list[str]:
 
 
 def evaluate(cfg: Any, comm: Any = None, samples_path: str | None = None, examples: Sequence[Any] | None = None) -> dict[str, float]:
-    """Metrics of the model (plus cfg.lora.adapter, when set) on cfg's task validation split, or on ``examples``."""
-    from essa_hpc import dist, metrics, models
-    from essa_hpc.backends import Request, make_backend
-    from essa_hpc.tasks import check_prompt_lengths, make_task
+    """Metrics of the model (plus cfg.lora.adapter, when set) on cfg's task validation split, or on ``examples``.
+
+    The run's own evaluation path (essa_hpc.evaluation) with the adapter as saved, at x = 0.
+    """
+    from essa_hpc import dist, evaluation
 
     comm = comm or dist.init()
-    task = make_task(cfg)
-    exs = list(examples) if examples is not None else list(task.validation())[: cfg.eval.size]
-    if not exs:
-        raise ValueError(f"task {cfg.task.name}: the validation split is empty")
-    if cfg.backend.name == "fake":
-        raise ValueError("backend.name=fake has no model to evaluate; use hf or vllm")
-    models.set_threads(cfg.model.threads, comm.ranks_on_node)
-    if comm.rank == 0:
-        models.resolve_source(cfg.model)
-    comm.barrier()
-    loaded = models.load(cfg.model)
-    svd = None
-    if cfg.lora.adapter:
-        from essa_hpc import svd_lora
-
-        svd = svd_lora.from_peft_dir(cfg.lora.adapter, 1.0, cfg.lora.parametrization, model=loaded.model)
-    backend = make_backend(cfg, loaded, svd)
-    context = int(getattr(loaded.model.config, "max_position_embeddings", 0) or 0)
-    if context:
-        check_prompt_lengths(exs, loaded.tokenizer, task.system_prompt, context, cfg.backend.max_new_tokens)
-    lo, hi = dist.shard(len(exs), comm.size, comm.rank)
-    k = cfg.eval.k
-    items = [(i, s) for i in range(lo, hi) for s in range(k)]
-    reqs = [
-        Request(0, models.render_chat(loaded.tokenizer, exs[i].prompt, task.system_prompt), dist.validation_seed(cfg.run.seed, i, s))
-        for i, s in items  # the run loop's validation seeds
-    ]
-    vectors = np.zeros((1, backend.solution_length))
-    outs = backend.generate(vectors, reqs, temperature=cfg.eval.temperature) if reqs else []
-    r = task.reward([exs[i] for i, _ in items], [o.text for o in outs]) if items else None
-    values = r.values.tolist() if r is not None else []
-    mine = [values[j * k : (j + 1) * k] for j in range(hi - lo)]
-    rows = [{"id": exs[i].id, "sample": s, "completion": o.text, "reward": v} for (i, s), o, v in zip(items, outs, values)]
-    gathered = comm.allgather((mine, rows, (r.failures, r.timeouts) if r is not None else (0, 0)))
-    backend.close()
-    per_prompt = [row for part in gathered for row in part[0]]
-    result = metrics.validation_metrics(per_prompt, threshold=float(getattr(task, "correct_threshold", 1.0)))
-    result["prompts"] = float(len(per_prompt))
-    result["reward_failures"] = float(sum(p[2][0] for p in gathered))
-    result["reward_timeouts"] = float(sum(p[2][1] for p in gathered))
+    ev = evaluation.adapter_evaluator(cfg, comm, examples)
+    v = evaluation.validation_scores(ev, cfg, comm, np.zeros(ev.dim), keep_samples=bool(samples_path))
+    ev.backend.close()
+    result = ev.summarize(v.per_prompt)
+    result["prompts"] = float(len(v.per_prompt))
+    result["reward_failures"] = float(v.failures)
+    result["reward_timeouts"] = float(v.timeouts)
     if samples_path and comm.rank == 0:
         with Path(samples_path).open("w") as f:
-            for part in gathered:
-                for row in part[1]:
-                    f.write(json.dumps(row) + "\n")
+            for row in v.samples:
+                f.write(json.dumps(row) + "\n")
     return result
 
 
@@ -125,14 +92,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = load_config(args.config, overrides(args))
     except ConfigError as e:
         print(f"essa-evaluate: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return BAD_INPUT
     comm = dist.init()
     try:
         result = evaluate(cfg, comm, args.samples)
     except ValueError as e:  # TaskError, ModelError, AdapterError and bad settings are ValueErrors
         if comm.rank == 0:
             print(f"essa-evaluate: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return BAD_INPUT
     report: dict[str, Any] = {"task": cfg.task.name, "adapter": cfg.lora.adapter, **result}
     if args.compare:
         # the same prompts and sampling seeds, so the differences are the adapters' alone
@@ -142,13 +109,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ValueError as e:
             if comm.rank == 0:
                 print(f"essa-evaluate: {e}", file=sys.stderr)
-            return EXIT_BAD_INPUT
+            return BAD_INPUT
     if comm.rank == 0:
         text = json.dumps(report, sort_keys=True)
         print(text)
         if args.out:
             Path(args.out).write_text(text + "\n")
-    return 0
+    return OK
 
 
 if __name__ == "__main__":

@@ -11,10 +11,11 @@ adapter (``lora.adapter``, or the cached SFT warm start when ``lora.init=sft``, 
 objective on the same text.
 
 Validation is the ESSA run's validation, not a second implementation: every ``eval.every`` optimizer
-steps (and at the start and the end) the current LoRA is written as a PEFT adapter, read back as an
-SVD-LoRA at x = 0 (an exact reconstruction) and scored by the hf backend on a second copy of the base
-model, with the run loop's validation seeds. That costs one adapter export per validation and a second
-set of base weights; it buys identical generation code and seeds for both methods.
+steps (and at the start and the end) the current LoRA is written as a PEFT adapter and scored by
+``evaluation.AdapterValidation`` (read back as an SVD-LoRA at x = 0, an exact reconstruction; the hf
+backend on a second copy of the base model; the run loop's ``validate`` with its seeds). That costs
+one adapter export per validation and a second set of base weights; it buys identical generation
+code and seeds for both methods.
 
 Training time, the clock both methods are compared on, excludes validation: ``/eval/train_time`` is the
 wall-clock spent in training steps (sampling, reward, backward, update) since the first step. The
@@ -163,42 +164,6 @@ def prepare_run_dir(cfg: Config) -> Path:
 
 
 # ----------------------------------------------------------------------------------------------------
-# validation through the ESSA scoring path
-
-
-class Validator:
-    """Scores a PEFT adapter folder as ``essa_hpc.run.validate`` scores the ESSA mean (same backend, seeds, metrics)."""
-
-    def __init__(self, cfg: Config, task: Any, examples: Sequence[Any]) -> None:
-        from essa_hpc import dist, metrics, models
-
-        self.cfg, self.task, self.examples = cfg, task, list(examples)
-        self.loaded = models.load(cfg.model)  # a second copy: the policy's layers are wrapped by peft
-        self.threshold = float(getattr(task, "correct_threshold", 1.0))
-        self.seeds = [dist.validation_seed(cfg.run.seed, i, s) for i in range(len(self.examples)) for s in range(cfg.eval.k)]
-        self.prompts = [models.render_chat(self.loaded.tokenizer, ex.prompt, task.system_prompt) for ex in self.examples]
-        names = list(metrics.validation_metrics([[0.0] * cfg.eval.k], threshold=self.threshold))
-        self.metric_names = ["accuracy", *[n for n in names if n != "accuracy"]] if self.threshold > 0 else names
-
-    def __call__(self, adapter_dir: Path) -> dict[str, float]:
-        from essa_hpc import metrics, svd_lora
-        from essa_hpc.backends import Request, make_backend
-
-        cfg, k = self.cfg, self.cfg.eval.k
-        svd = svd_lora.from_peft_dir(adapter_dir, 1.0, cfg.lora.parametrization, model=self.loaded.model)
-        backend = make_backend(cfg, self.loaded, svd)
-        try:
-            reqs = [Request(0, self.prompts[j // k], self.seeds[j]) for j in range(len(self.seeds))]
-            outs = backend.generate(np.zeros((1, svd.solution_length)), reqs, temperature=cfg.eval.temperature)
-        finally:
-            backend.close()
-        exs = [self.examples[j // k] for j in range(len(self.seeds))]
-        values = self.task.reward(exs, [o.text for o in outs]).values.tolist()
-        per_prompt = [values[i * k : (i + 1) * k] for i in range(len(self.examples))]
-        return metrics.validation_metrics(per_prompt, threshold=self.threshold)
-
-
-# ----------------------------------------------------------------------------------------------------
 # the run
 
 
@@ -232,7 +197,8 @@ def run_grpo(cfg: Config, log: Any = print) -> int:
     from transformers import PrinterCallback, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from essa_hpc import models, svd_lora
+    from essa_hpc import dist, models, svd_lora
+    from essa_hpc.evaluation import AdapterValidation
     from essa_hpc.tasks import make_task
 
     g = cfg.grpo
@@ -251,10 +217,10 @@ def run_grpo(cfg: Config, log: Any = print) -> int:
     if cfg.grpo.prompts_per_step > len(train):
         raise GrpoError(f"grpo.prompts_per_step={g.prompts_per_step} but the training split has only {len(train)} examples")
     models.resolve_source(cfg.model)
-    loaded = models.load(cfg.model)
+    loaded = models.load(cfg.model)  # the policy; AdapterValidation loads a second copy (peft wraps these layers)
     system_prompt = task.system_prompt
     policy, source = starting_policy(cfg, loaded, train, system_prompt, log)
-    validator = Validator(cfg, task, val)
+    validator = AdapterValidation(cfg, dist.init(), task, val)
     glog = GrpoLog(run_dir / "log.h5", cfg.to_json(), validator.metric_names)
     tokenizer = loaded.tokenizer
     if tokenizer.pad_token_id is None:

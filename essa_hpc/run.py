@@ -1,20 +1,27 @@
 """The ESSA run: ``python -m essa_hpc.run [--config F] [--set k=v ...] [--resume]``, also under mpirun/srun.
 
-Reads top to bottom like a recipe (DESIGN.md, "One generation"):
+Reads top to bottom like a recipe (docs/design.md, "One generation"):
 
     config -> run directory policy -> model, task, SVD-LoRA, backend -> optimizer -> log
-    for g in generations:
-        X = ask(g); minibatch(seed, g); evaluate my share; ONE Allgather; check; tell(X, −reward)
-        log (rank 0); checkpoint; validate; stop on request / budget / target
+    for each generation:
+        1. ask            every rank draws the same population from the same optimizer state
+        2. the minibatch  a pure function of (run.seed, generation)
+        3. my share       this rank's (candidate, slice of the minibatch) pieces, scored
+        4. one Allgather  scores, stop requests, optimizer digests and timings in fixed-size records
+        5. check and tell the records against the work table, the digests against rank 0's; tell(X, -reward)
+        6. log, checkpoint, validate
+        7. stop together  on a signal, a spent time budget, a reached target or the last generation
     export the mean (and best) adapter
 
-With no arguments it runs the embedded default: SmolLM2-135M-Instruct on generated arithmetic, after a
-short cached LoRA SFT warm start.
+Only rank 0 writes; it prints through ``say`` and the other ranks hold a null run log, so the loop has
+no rank tests but the checkpoint's. With no arguments it runs the embedded default:
+SmolLM2-135M-Instruct on generated arithmetic, after a short cached LoRA SFT warm start.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -22,18 +29,21 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from essa_hpc import checkpoint, dist
+from essa_hpc import checkpoint, dist, exit_codes, phases
 from essa_hpc.config import Config, ConfigError, describe, load_config
+from essa_hpc.evaluation import Evaluator, build_evaluator, score, validate
 
-REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "preempted, checkpointed, please requeue"; slurm/ scripts rely on it
-EXIT_BAD_INPUT = 2
+if TYPE_CHECKING:
+    from essa_hpc.runlog import NullLog, RunLog
+    from essa_hpc.search import Optimizer
+
+REQUEUE_EXIT_CODE = exit_codes.REQUEUE  # the name the tests and older callers import
 
 
 class RunError(RuntimeError):
@@ -57,17 +67,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.help_config:
         print(describe())
-        return 0
+        return exit_codes.OK
     try:
         cfg = load_config(args.config, args.set)
     except ConfigError as e:
         print(f"essa-run: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return exit_codes.BAD_INPUT
     try:
         comm = dist.init()
     except dist.DistError as e:
         print(f"essa-run: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return exit_codes.BAD_INPUT
     with dist.abort_on_error(comm):
         try:
             return run(cfg, comm, resume=args.resume)
@@ -81,12 +91,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if comm.rank != 0:
                     time.sleep(3.0)
                     print(f"essa-run (rank {comm.rank}): {e}", file=sys.stderr, flush=True)
-                comm.abort(EXIT_BAD_INPUT)
-            return EXIT_BAD_INPUT
+                comm.abort(exit_codes.BAD_INPUT)
+            return exit_codes.BAD_INPUT
 
 
 def bad_input_errors() -> tuple[type[BaseException], ...]:
-    """Errors that mean "fix your input": exit status 2 and one line, no traceback."""
+    """Errors that mean "fix your input": exit status BAD_INPUT and one line, no traceback."""
     from essa_hpc.models import ModelError
     from essa_hpc.svd_lora import AdapterError
     from essa_hpc.tasks.base import TaskError
@@ -95,25 +105,148 @@ def bad_input_errors() -> tuple[type[BaseException], ...]:
 
 
 # ----------------------------------------------------------------------------------------------------
+# the run
+
+
+def run(cfg: Config, comm: dist.Comm, resume: bool = False) -> int:
+    """One ESSA run. Every rank runs this same function in lockstep, one Allgather per generation, and
+    returns the same exit status: OK, or REQUEUE after a stop signal (checkpointed, resume later)."""
+    started = time.perf_counter()
+    from essa_hpc import search
+    from essa_hpc.tasks import minibatch
+
+    threads = set_threads(cfg, comm)
+    resuming = prepare_run_dir(cfg, comm, resume)
+    stop_flag = StopFlag()
+    ev = build_evaluator(cfg, comm)
+    popsize, batch_size, dim = cfg.search.popsize, cfg.task.batch_size, ev.dim
+    if len(ev.train) < batch_size:
+        raise RunError(f"task.batch_size={batch_size} but the training split has only {len(ev.train)} examples")
+    try:
+        opt = search.make_optimizer(cfg.search, dim, cfg.run.seed)
+    except ValueError as e:
+        raise RunError(str(e)) from None
+    table = dist.assign(popsize, batch_size, comm.size)  # who scores what: the same table on every rank
+    my_work, slots = table[comm.rank], max(1, max(len(w) for w in table))
+    state = checkpoint.load_state(cfg.run_dir, cfg.digest()) if resuming else checkpoint.State()
+    if resuming:
+        opt.load_state_dict(state.optimizer)
+    first_gen, elapsed_before, primary = state.gen, state.elapsed, ev.metric_names[0]
+    log = open_log(cfg, comm, ev, resume_gen=first_gen if resuming else None)
+    say(
+        comm,
+        f"essa-run: {cfg.run_dir} | {comm.size} rank(s) × {threads} thread(s) | λ={popsize} d={dim} batch={batch_size} | "
+        f"backend={cfg.backend.name} task={cfg.task.name}" + (f" | resuming at generation {first_gen}" if resuming else ""),
+    )
+
+    def clock() -> float:  # wall seconds across restarts: what run.time_budget_s counts
+        return elapsed_before + time.perf_counter() - started
+
+    validating = {"seconds": 0.0}  # validation inside the loop, left out of the training clock
+    trained_before, loop_started = state.trained, 0.0
+
+    def trained() -> float:  # training seconds across restarts, validation excluded: what run.train_budget_s counts
+        return trained_before + (clock() - loop_started) - validating["seconds"]
+
+    def validation(gen: int, vector: np.ndarray) -> dict[str, float]:
+        metrics = validate(ev, cfg, comm, vector)
+        state.record_validation(gen, metrics, vector, primary)
+        log.append_eval(gen, clock(), metrics)
+        return metrics
+
+    if not resuming:
+        m0 = validation(0, np.zeros(dim))
+        say(comm, "  validation at start (x = 0, the warm start): " + ", ".join(f"{k}={v:.4f}" for k, v in m0.items()))
+
+    timer, reason, done = phases.Phases(), None, first_gen
+    loop_started = clock()
+    for gen in range(first_gen, cfg.run.generations):
+        timer.begin()
+        with timer.time("other"):
+            # 1. ask: the digest of the state before it rides in this generation's records (step 5)
+            digest = bytes.fromhex(opt.digest())[: dist.DIGEST_BYTES]
+            population = opt.ask(gen)
+            seeds = np.array([dist.candidate_seed(cfg.run.seed, gen, c) for c in range(popsize)], dtype=np.uint64)
+            # 2. the minibatch: the same prompts on every rank, whatever the world size
+            batch = minibatch(ev.train, cfg.run.seed, gen, batch_size)
+            # 3. my share: one item per (my candidate, prompt of its slice), seeded independently of the dealing
+            my_candidates = sorted({w.cand for w in my_work})
+            row = {c: i for i, c in enumerate(my_candidates)}
+            # (search.common_random_numbers: every candidate samples a prompt with the same seed)
+            noise = [dist.common_seed(cfg.run.seed, gen)] * popsize if cfg.search.common_random_numbers else [int(s) for s in seeds]
+            items = [(row[w.cand], batch[p], dist.sample_seed(noise[w.cand], p)) for w in my_work for p in range(w.lo, w.hi)]
+        scores = score(ev, population[my_candidates], items)
+        timer.add("generate", scores.generate_s)
+        timer.add("reward", scores.reward_s)
+
+        # 4. one Allgather: my scores, my stop request, my optimizer digest and my timings
+        report = dist.Report(stop_flag.bits(cfg, clock(), trained()), scores.failures, scores.timeouts, digest, timer.outgoing())
+        with timer.time("allgather"):
+            gathered = comm.allgather_records(dist.pack(dist.scored(my_work, seeds, scores.rewards, scores.tokens), report), slots)
+
+        # 5. check and tell: every rank tells its optimizer the same rewards, so the states stay equal
+        with timer.time("tell"):
+            got = dist.unpack(gathered, table, popsize, seeds)
+            if gen % cfg.search.digest_every == 0:
+                check_digests(cfg, comm, opt, got.digests, gen)
+            opt.tell(population, -got.rewards)  # the optimizer minimizes
+
+        # 6. log, checkpoint, validate
+        with timer.time("log"):
+            this_gen, previous_late = phases.split(got.timings)
+            log.append_generation(
+                rewards=got.rewards,
+                seeds=seeds,
+                sigma=opt.sigma,
+                wall_time=clock(),
+                timings=this_gen,
+                tokens=got.tokens,
+                failures=got.failures,
+                timeouts=got.timeouts,
+                digest=digest,
+                prev_late_timings=previous_late if gen > first_gen else None,
+            )
+        done = gen + 1
+        metrics = None
+        if validation_due(cfg, done, stop_reason(cfg, done, got.stop)):
+            with timer.time("eval"):
+                metrics = validation(done, opt.mean.copy())
+            validating["seconds"] += timer.seconds("eval")
+        reason = stop_reason(cfg, done, got.stop, metrics)
+        with timer.time("checkpoint"):
+            if comm.rank == 0 and (done % cfg.log.checkpoint_every == 0 or reason is not None):
+                saved = dataclasses.replace(state, gen=done, optimizer=opt.state_dict(), elapsed=clock(), trained=trained())
+                checkpoint.save_state(cfg.run_dir, saved, cfg.digest())
+        if cfg.log.progress:
+            say(comm, progress_line(cfg, comm, done, got, opt.sigma, timer, primary, metrics))
+
+        # 7. stop together: the stop bits are every rank's and the metrics the same on all, so all agree
+        if reason is not None:
+            break
+
+    # the end: the last generation's late phases, the final vectors, the adapters
+    exit_code = exit_codes.REQUEUE if reason == "signal" else exit_codes.OK
+    say_stop(cfg, comm, reason, done, exit_code)
+    log.finish(np.stack(comm.allgather(timer.late())), opt.mean, state.best.vector)
+    if comm.rank == 0 and exit_code == exit_codes.OK and ev.export is not None:
+        ev.export(opt.mean, cfg.run_dir / "adapter")
+        if state.best.vector is not None:
+            ev.export(state.best.vector, cfg.run_dir / "adapter_best")
+    comm.barrier()
+    if comm.rank == 0 and exit_code == exit_codes.OK:
+        summary(cfg, state, primary)
+    ev.backend.close()
+    return exit_code
+
+
+# ----------------------------------------------------------------------------------------------------
 # pieces the loop uses
 
 
-@dataclass
-class Evaluator:
-    """How a generation's requests become rewards on this rank: a backend plus a task."""
-
-    backend: Any
-    task: Any
-    render: Callable[[Any], str]
-    export: Callable[[np.ndarray, Path], None] | None  # writes a PEFT adapter for a vector (None: fake)
-    metric_names: list[str]
-    summarize: Callable[[list[list[float]]], dict[str, float]]
-    train: Sequence[Any] = field(default_factory=list)
-    validation: Sequence[Any] = field(default_factory=list)
-
-    @property
-    def dim(self) -> int:
-        return int(self.backend.solution_length)
+def say(comm: dist.Comm, msg: str) -> None:
+    """Print once, from rank 0 (every rank computes the same message)."""
+    if comm.rank == 0:
+        print(msg, flush=True)
 
 
 class StopFlag:
@@ -127,10 +260,100 @@ class StopFlag:
     def _handler(self, signum: int, frame: Any) -> None:
         self.requested = True
 
+    def bits(self, cfg: Config, elapsed: float, trained: float = 0.0) -> int:
+        """This rank's stop request for its report: a signal arrived, and/or its clock spent a budget
+        (run.time_budget_s of wall time, run.train_budget_s of training time)."""
+        r = cfg.run
+        over_budget = (r.time_budget_s > 0 and elapsed >= r.time_budget_s) or (r.train_budget_s > 0 and trained >= r.train_budget_s)
+        return (dist.STOP_BUDGET if over_budget else 0) | (dist.STOP_SIGNAL if self.requested else 0)
 
-def say(comm: dist.Comm, msg: str) -> None:
-    if comm.rank == 0:
-        print(msg, flush=True)
+
+def stop_reason(cfg: Config, done: int, stop_bits: int, metrics: dict[str, float] | None = None) -> str | None:
+    """Why the run stops after generation `done`, or None to go on: the one place that decides.
+
+    Every rank calls it with the same arguments (the stop bits are the union of every rank's request,
+    gathered in the Allgather; validation metrics are the same on every rank), so all stop together.
+    In order of precedence:
+
+    - "signal": SIGUSR2/SIGTERM reached a rank; an interruption: checkpoint, exit REQUEUE, resume later.
+    - "budget": run.time_budget_s or run.train_budget_s is spent on some rank's clock; the run ends (validated, exported).
+    - "target": this generation's validation reached run.target_value in run.target_metric.
+    - "last": run.generations are done.
+    """
+    r = cfg.run
+    if stop_bits & dist.STOP_SIGNAL:
+        return "signal"
+    if stop_bits & dist.STOP_BUDGET:
+        return "budget"
+    target, value = r.target_metric, r.target_value
+    if metrics is not None and target is not None and value is not None and metrics.get(target, -math.inf) >= value:
+        return "target"
+    if done >= r.generations:
+        return "last"
+    return None
+
+
+def validation_due(cfg: Config, done: int, reason: str | None) -> bool:
+    """Every eval.every generations, and at the run's end (its last generation, or a spent budget).
+
+    A signalled stop is an interruption, not an end: no extra validation, so the resumed run's log
+    matches an uninterrupted one.
+    """
+    return bool(cfg.eval.every and done % cfg.eval.every == 0) or done >= cfg.run.generations or reason == "budget"
+
+
+def say_stop(cfg: Config, comm: dist.Comm, reason: str | None, done: int, exit_code: int) -> None:
+    if reason == "signal":
+        say(comm, f"essa-run: stop signal received; checkpointed at generation {done}; exit {exit_code} (requeue)")
+    elif reason == "budget":
+        budgets = [
+            f"{name} of {s} s" for name, s in (("time budget", cfg.run.time_budget_s), ("training budget", cfg.run.train_budget_s)) if s > 0
+        ]
+        say(comm, f"essa-run: {' or '.join(budgets)} spent at generation {done}")
+    elif reason == "target":
+        say(comm, f"essa-run: {cfg.run.target_metric} reached {cfg.run.target_value} at generation {done}")
+
+
+def progress_line(
+    cfg: Config,
+    comm: dist.Comm,
+    done: int,
+    got: dist.Gathered,
+    sigma: float,
+    timer: phases.Phases,
+    primary: str,
+    metrics: dict[str, float] | None,
+) -> str:
+    tokens_per_s = got.tokens.sum() / max(1e-9, timer.seconds("generate")) / comm.size
+    val = "" if metrics is None else f" | val {primary}={metrics[primary]:.4f}"
+    return (
+        f"gen {done:4d}/{cfg.run.generations} | reward mean {got.rewards.mean():+.4f} max {got.rewards.max():+.4f} | "
+        f"σ {sigma:.4g} | {timer.since_begin():6.2f} s | {tokens_per_s:7.1f} tok/s/rank{val}"
+    )
+
+
+def check_digests(cfg: Config, comm: dist.Comm, opt: Optimizer, digests: list[bytes], gen: int) -> None:
+    """Every rank's optimizer state before this generation's ask must be rank 0's: stop, naming the ranks
+    that differ, or (search.digest_repair) copy rank 0's state to every rank."""
+    bad = dist.diverged_ranks(digests)
+    if not bad:
+        return
+    if not cfg.search.digest_repair:
+        raise dist.DistError(
+            f"optimizer state diverged at generation {gen}: ranks {bad} differ from rank 0 "
+            "(set search.digest_repair=true to copy rank 0's state instead)"
+        )
+    say(comm, f"essa-run: ranks {bad} diverged at generation {gen}; repairing from rank 0")
+    opt.load_state_dict(comm.bcast(opt.state_dict() if comm.rank == 0 else None))
+
+
+def set_threads(cfg: Config, comm: dist.Comm) -> int:
+    """Torch/BLAS threads per rank (the fake backend needs no torch: a fast start for engine tests)."""
+    if cfg.backend.name == "fake":
+        return 1
+    from essa_hpc import models
+
+    return int(models.set_threads(cfg.model.threads, comm.ranks_on_node))
 
 
 def prepare_run_dir(cfg: Config, comm: dist.Comm, resume: bool) -> bool:
@@ -189,389 +412,43 @@ def write_run_dir(cfg: Config) -> None:
     tmp.replace(run_dir / "config.yaml")
 
 
-def build_evaluator(cfg: Config, comm: dist.Comm) -> Evaluator:
-    """Model, task, SVD-LoRA and backend; rank 0 creates shared files first, the others wait."""
-    from essa_hpc import metrics
-    from essa_hpc.tasks import make_task
+def open_log(cfg: Config, comm: dist.Comm, ev: Evaluator, resume_gen: int | None) -> RunLog | NullLog:
+    """Rank 0 writes config.yaml and opens log.h5 (rewound to resume_gen when resuming); the others get a NullLog."""
+    from essa_hpc.runlog import NullLog, RunLog
 
-    task = make_task(cfg)
-    threshold = float(getattr(task, "correct_threshold", 1.0))
-
-    def summarize(per_prompt: list[list[float]]) -> dict[str, float]:
-        return metrics.validation_metrics(per_prompt, threshold=threshold)
-
-    # SWMR logs need every dataset up front: take the metric names from a dry call. The first name is
-    # the one "best" and the progress line follow: accuracy for checkable tasks, mean reward otherwise.
-    names = list(summarize([[0.0] * cfg.eval.k]))
-    primary = "accuracy" if threshold > 0 and cfg.backend.name != "fake" else "mean_reward"
-    metric_names = [primary] + [n for n in names if n != primary]
-
-    if cfg.backend.name == "fake":
-        from essa_hpc.backends.fake import FakeBackend
-
-        return Evaluator(
-            FakeBackend(cfg.backend), task, lambda ex: ex.prompt, None, metric_names, summarize, task.train(), task.validation()
-        )
-
-    from essa_hpc import models, svd_lora
-    from essa_hpc.backends import make_backend
-
-    if comm.rank == 0:
-        models.resolve_source(cfg.model)  # converts the embedded GGUF once (atomic), before others load
-    comm.barrier()
-    # vllm loads the weights itself: give it only the tokenizer and the module shapes the SVD-LoRA needs
-    loaded = models.load_skeleton(cfg.model) if cfg.backend.name == "vllm" else models.load(cfg.model)
-    train, val = task.train(), task.validation()
-    adapter: Path | None
-    if cfg.lora.adapter:
-        adapter = Path(cfg.lora.adapter)
-    elif cfg.lora.init == "sft":
-        from essa_hpc import sft
-
-        adapter = Path()
-        if comm.rank == 0:
-            trainable = models.load(cfg.model) if cfg.backend.name == "vllm" else loaded  # SFT needs real weights
-            adapter = sft.cached_sft_adapter(cfg, trainable, train, task.system_prompt, log=print)
-            del trainable
-        adapter = Path(comm.bcast(str(adapter)))
-    else:
-        adapter = None
-    if adapter is not None:
-        svd = svd_lora.from_peft_dir(
-            adapter, cfg.lora.alpha_fraction, cfg.lora.parametrization, model=loaded.model, targets=cfg.lora.targets
-        )
-    else:
-        svd = svd_lora.random_init(
-            loaded.model,
-            cfg.lora.rank,
-            cfg.lora.lora_alpha,
-            cfg.lora.targets,
-            cfg.run.seed,
-            alpha_fraction=cfg.lora.alpha_fraction,
-            parametrization=cfg.lora.parametrization,
-        )
-    backend = make_backend(cfg, loaded, svd)
-    cache: dict[str, str] = {}
-
-    def render(ex: Any) -> str:
-        if ex.id not in cache:
-            cache[ex.id] = models.render_chat(loaded.tokenizer, ex.prompt, task.system_prompt)
-        return cache[ex.id]
-
-    def export(x: np.ndarray, out: Path) -> None:
-        svd_lora.export_adapter(svd, x, out, base_model_name_or_path=cfg.model.path)
-
-    return Evaluator(backend, task, render, export, metric_names, summarize, train, val)
-
-
-def score(
-    ev: Evaluator,
-    vectors: np.ndarray,
-    items: list[tuple[int, Any, int]],
-    max_new_tokens: int | None = None,
-    temperature: float | None = None,
-) -> tuple[np.ndarray, np.ndarray, int, int, float, float]:
-    """Generate and reward (candidate row, example, seed) items: rewards, tokens, failures, timeouts, seconds."""
-    from essa_hpc.backends.base import Request
-
-    t0 = time.perf_counter()
-    reqs = [Request(c, ev.render(ex), s) for c, ex, s in items]
-    outs = ev.backend.generate(vectors, reqs, max_new_tokens=max_new_tokens, temperature=temperature) if reqs else []
-    t1 = time.perf_counter()
-    r = ev.task.reward([ex for _, ex, _ in items], [o.text for o in outs]) if items else None
-    t2 = time.perf_counter()
-    values = np.asarray(r.values if r is not None else [], dtype=np.float64)
-    tokens = np.asarray([o.tokens for o in outs], dtype=np.int64)
-    return values, tokens, (r.failures if r else 0), (r.timeouts if r else 0), t1 - t0, t2 - t1
-
-
-def validate(ev: Evaluator, cfg: Config, comm: dist.Comm, vec: np.ndarray) -> dict[str, float]:
-    """Validation of one vector, sharded over ranks; identical metrics on every rank."""
-    exs = list(ev.validation)[: cfg.eval.size]
-    lo, hi = dist.shard(len(exs), comm.size, comm.rank)
-    items = [(0, exs[i], dist.validation_seed(cfg.run.seed, i, s)) for i in range(lo, hi) for s in range(cfg.eval.k)]
-    values, *_ = score(ev, vec[None, :], items, temperature=cfg.eval.temperature)
-    mine = [values[j * cfg.eval.k : (j + 1) * cfg.eval.k].tolist() for j in range(hi - lo)]
-    per_prompt = [row for part in comm.allgather(mine) for row in part]
-    return ev.summarize(per_prompt)
-
-
-# ----------------------------------------------------------------------------------------------------
-# the run
-
-
-def run(cfg: Config, comm: dist.Comm, resume: bool = False) -> int:
-    t_start = time.perf_counter()
-    from essa_hpc.search import make_optimizer
-    from essa_hpc.tasks import minibatch
-
-    threads = 1
-    if cfg.backend.name != "fake":  # the fake backend needs no torch (fast start for engine tests)
-        from essa_hpc import models
-
-        threads = models.set_threads(cfg.model.threads, comm.ranks_on_node)
-    resuming = prepare_run_dir(cfg, comm, resume)
-    run_dir = cfg.run_dir
-    stop = StopFlag()
-
-    ev = build_evaluator(cfg, comm)
-    lam, B, d = cfg.search.popsize, cfg.task.batch_size, ev.dim
-    if len(ev.train) < B:
-        raise RunError(f"task.batch_size={B} but the training split has only {len(ev.train)} examples")
-    try:
-        opt = make_optimizer(cfg.search, d, cfg.run.seed)
-    except ValueError as e:
-        raise RunError(str(e)) from None
-    table = dist.assign(lam, B, comm.size)
-    mine, slots = table[comm.rank], max(1, max(len(w) for w in table))
-    primary = ev.metric_names[0]
-
-    start_gen, elapsed0, trained0 = 0, 0.0, 0.0
-    best: dict[str, Any] = {"value": -math.inf, "vector": None, "gen": -1}
-    evals_done: list[tuple[int, dict[str, float]]] = []
-    if resuming:
-        state = checkpoint.load(run_dir, cfg.digest())
-        opt.load_state_dict(state["optimizer"])
-        start_gen, elapsed0, best, evals_done = state["gen"], state["elapsed"], state["best"], state["evals"]
-        trained0 = float(state.get("trained", 0.0))  # absent in checkpoints written before run.train_budget_s
     hosts = comm.allgather(dist.hostname())
-    log = None
+    log: RunLog | NullLog = NullLog()
     if comm.rank == 0:
         write_run_dir(cfg)
-        from essa_hpc.runlog import RunLog
-
         log = RunLog(
-            run_dir / "log.h5",
+            cfg.run_dir / "log.h5",
             config_json=cfg.to_json(),
             world_size=comm.size,
             hostnames=hosts,
-            popsize=lam,
-            solution_length=d,
+            popsize=cfg.search.popsize,
+            solution_length=ev.dim,
             metrics=ev.metric_names,
-            resume_gen=start_gen if resuming else None,
+            resume_gen=resume_gen,
         )
     comm.barrier()
-    say(
-        comm,
-        f"essa-run: {run_dir} | {comm.size} rank(s) × {threads} thread(s) | λ={lam} d={d} batch={B} | "
-        f"backend={cfg.backend.name} task={cfg.task.name}" + (f" | resuming at generation {start_gen}" if resuming else ""),
-    )
-
-    def clock() -> float:
-        return elapsed0 + time.perf_counter() - t_start
-
-    validating = {"seconds": 0.0, "loop_start": 0.0}  # validation time inside the loop; where it began
-
-    def trained() -> float:
-        """Training seconds: since the first generation, validation excluded (run.train_budget_s)."""
-        return trained0 + clock() - validating["loop_start"] - validating["seconds"]
-
-    def do_eval(gen: int, vec: np.ndarray) -> dict[str, float]:
-        m = validate(ev, cfg, comm, vec)
-        evals_done.append((gen, m))
-        if log is not None:
-            log.append_eval(gen, clock(), m)
-        if m[primary] > best["value"]:
-            best.update(value=m[primary], vector=vec.copy(), gen=gen)
-        return m
-
-    if not resuming:
-        m0 = do_eval(0, np.zeros(d))
-        say(comm, "  validation at start (x = 0, the warm start): " + ", ".join(f"{k}={v:.4f}" for k, v in m0.items()))
-
-    late = np.zeros(len(dist.PHASES))  # after-Allgather phases of the previous generation (see runlog)
-    P = {p: i for i, p in enumerate(dist.PHASES)}
-    exit_code, gen = 0, start_gen
-    validating["loop_start"] = clock()
-    for gen in range(start_gen, cfg.run.generations):
-        tg = time.perf_counter()
-        digest_before = bytes.fromhex(opt.digest())[: dist.DIGEST_BYTES]
-        X = opt.ask(gen)
-        seeds = np.array([dist.candidate_seed(cfg.run.seed, gen, c) for c in range(lam)], dtype=np.uint64)
-        batch = minibatch(ev.train, cfg.run.seed, gen, B)
-        cands = sorted({w.cand for w in mine})
-        row = {c: i for i, c in enumerate(cands)}
-        noise = [dist.common_seed(cfg.run.seed, gen)] * lam if cfg.search.common_random_numbers else [int(s) for s in seeds]
-        items = [(row[w.cand], batch[p], dist.sample_seed(noise[w.cand], p)) for w in mine for p in range(w.lo, w.hi)]
-        t_prep = time.perf_counter() - tg
-        values, tokens, failures, timeouts, t_gen, t_rew = score(ev, X[cands], items)
-
-        # --- one Allgather of fixed-size records -------------------------------------------------
-        recs = np.zeros(max(1, len(mine)), dtype=dist.RECORD)
-        k = 0
-        for i, w in enumerate(mine):
-            n = w.hi - w.lo
-            recs[i] = (
-                1,
-                0,
-                w.cand,
-                w.part,
-                seeds[w.cand],
-                dist.to_fixed(values[k : k + n]),
-                n,
-                0,
-                0,
-                int(tokens[k : k + n].sum()),
-                b"",
-                np.zeros(len(dist.PHASES)),
-            )
-            k += n
-        over_budget = (cfg.run.time_budget_s > 0 and clock() >= cfg.run.time_budget_s) or (
-            cfg.run.train_budget_s > 0 and trained() >= cfg.run.train_budget_s
-        )
-        recs[0]["stop"] = (1 if over_budget else 0) | (2 if stop.requested else 0)
-        recs[0]["failures"], recs[0]["timeouts"], recs[0]["digest"] = failures, timeouts, digest_before
-        timings = late.copy()
-        timings[P["generate"]], timings[P["reward"]], timings[P["other"]] = t_gen, t_rew, t_prep
-        recs[0]["timings"] = timings
-        ta = time.perf_counter()
-        gathered = comm.allgather_records(recs, slots)
-        t_allgather = time.perf_counter() - ta
-
-        # --- every rank: check, combine, tell ---------------------------------------------------
-        tt = time.perf_counter()
-        if gen % cfg.search.digest_every == 0:
-            bad = dist.diverged_ranks([bytes(gathered[r][0]["digest"]) for r in range(comm.size)])
-            if bad:
-                handle_divergence(cfg, comm, opt, bad, gen)
-        dist.check_records(gathered, table, lam, seeds)
-        rewards, _, rank_tokens = dist.combine(gathered, lam)
-        opt.tell(X, -rewards)
-        t_tell = time.perf_counter() - tt
-        stop_bits = int(np.bitwise_or.reduce(gathered[:, 0]["stop"]))
-        stop_now, signalled = stop_bits != 0, bool(stop_bits & 2)
-
-        # --- rank 0 logs; checkpoints; validation ---------------------------------------------
-        tl = time.perf_counter()
-        if log is not None:
-            per_rank = np.stack([gathered[r][0]["timings"] for r in range(comm.size)])
-            prev_late = per_rank.copy()
-            now = per_rank.copy()
-            for p in ("allgather", "tell", "log", "checkpoint", "eval"):
-                now[:, P[p]] = 0.0
-            for p in ("generate", "reward", "other"):
-                prev_late[:, P[p]] = 0.0
-            log.append_generation(
-                rewards=rewards,
-                seeds=seeds,
-                sigma=opt.sigma,
-                wall_time=clock(),
-                timings=now,
-                tokens=rank_tokens,
-                failures=int(gathered[:, 0]["failures"].sum()),
-                timeouts=int(gathered[:, 0]["timeouts"].sum()),
-                digest=digest_before,
-                prev_late_timings=prev_late if gen > start_gen else None,
-            )
-        t_log = time.perf_counter() - tl
-        done = gen + 1
-        t_eval = 0.0
-        # a signalled stop is an interruption, not an end: no extra validation, so the resumed run's
-        # log matches an uninterrupted one; a spent time budget does end the run
-        last = done >= cfg.run.generations or (stop_now and not signalled)
-        metrics_now = None
-        if (cfg.eval.every and done % cfg.eval.every == 0) or last:
-            te = time.perf_counter()
-            metrics_now = do_eval(done, opt.mean.copy())
-            t_eval = time.perf_counter() - te
-            validating["seconds"] += t_eval
-        target_hit = (
-            cfg.run.target_metric is not None
-            and metrics_now is not None
-            and cfg.run.target_value is not None
-            and metrics_now.get(cfg.run.target_metric, -math.inf) >= cfg.run.target_value
-        )
-        tc = time.perf_counter()
-        if comm.rank == 0 and (done % cfg.log.checkpoint_every == 0 or stop_now or last or target_hit):
-            checkpoint.save(
-                run_dir,
-                {
-                    "gen": done,
-                    "optimizer": opt.state_dict(),
-                    "elapsed": clock(),
-                    "trained": trained(),
-                    "best": best,
-                    "evals": evals_done,
-                    "config_digest": cfg.digest(),
-                },
-            )
-        t_ckpt = time.perf_counter() - tc
-        late = np.zeros(len(dist.PHASES))
-        late[P["allgather"]], late[P["tell"]], late[P["log"]], late[P["checkpoint"]], late[P["eval"]] = (
-            t_allgather,
-            t_tell,
-            t_log,
-            t_ckpt,
-            t_eval,
-        )
-        if cfg.log.progress:
-            tok_s = rank_tokens.sum() / max(1e-9, t_gen) / comm.size
-            val = "" if metrics_now is None else f" | val {primary}={metrics_now[primary]:.4f}"
-            say(
-                comm,
-                f"gen {done:4d}/{cfg.run.generations} | reward mean {rewards.mean():+.4f} max {rewards.max():+.4f} | "
-                f"σ {opt.sigma:.4g} | {time.perf_counter() - tg:6.2f} s | {tok_s:7.1f} tok/s/rank{val}",
-            )
-        if signalled:
-            say(comm, f"essa-run: stop signal received; checkpointed at generation {done}; exit {REQUEUE_EXIT_CODE} (requeue)")
-            exit_code = REQUEUE_EXIT_CODE
-            break
-        if stop_now:
-            budget = (
-                f"training budget of {cfg.run.train_budget_s} s"
-                if cfg.run.train_budget_s > 0 and trained() >= cfg.run.train_budget_s
-                else f"time budget of {cfg.run.time_budget_s} s"
-            )
-            say(comm, f"essa-run: {budget} spent at generation {done}")
-            break
-        if target_hit:
-            say(comm, f"essa-run: {cfg.run.target_metric} reached {cfg.run.target_value} at generation {done}")
-            break
-
-    # --- the end: late timings of the last generation, final vectors, adapters -------------------
-    lates = comm.allgather(late)
-    if log is not None:
-        if log.generations:
-            log.patch_late_timings(log.generations - 1, np.stack(lates))
-        best_vec = best["vector"] if best["vector"] is not None else None
-        log.write_final(opt.mean, best_vec)
-        log.close()
-    if comm.rank == 0 and ev.export is not None and exit_code == 0:
-        ev.export(opt.mean, run_dir / "adapter")
-        if best["vector"] is not None:
-            ev.export(np.asarray(best["vector"]), run_dir / "adapter_best")
-    comm.barrier()
-    if exit_code == 0 and comm.rank == 0:
-        summary(cfg, evals_done, primary, best)
-    ev.backend.close()
-    return exit_code
+    return log
 
 
-def handle_divergence(cfg: Config, comm: dist.Comm, opt: Any, bad: list[int], gen: int) -> None:
-    if not cfg.search.digest_repair:
-        raise dist.DistError(
-            f"optimizer state diverged at generation {gen}: ranks {bad} differ from rank 0 "
-            "(set search.digest_repair=true to copy rank 0's state instead)"
-        )
-    say(comm, f"essa-run: ranks {bad} diverged at generation {gen}; repairing from rank 0")
-    opt.load_state_dict(comm.bcast(opt.state_dict() if comm.rank == 0 else None))
-
-
-def summary(cfg: Config, evals: list[tuple[int, dict[str, float]]], primary: str, best: dict[str, Any]) -> None:
-    run_dir = cfg.run_dir
+def summary(cfg: Config, state: checkpoint.State, primary: str) -> None:
+    run_dir, evals, best = cfg.run_dir, state.evals, state.best
     print(f"essa-run: done. run directory {run_dir}", flush=True)
     print(f"  log: {run_dir / 'log.h5'}")
     if (run_dir / "adapter").exists():
         print(f"  adapter (final mean): {run_dir / 'adapter'}")
     if (run_dir / "adapter_best").exists():
-        print(f"  adapter (best validation, generation {best['gen']}): {run_dir / 'adapter_best'}")
+        print(f"  adapter (best validation, generation {best.gen}): {run_dir / 'adapter_best'}")
     if evals:
-        first, lastm = evals[0][1], evals[-1][1]
+        first, last = evals[0][1], evals[-1][1]
         print(
-            f"  held-out {primary}: {first[primary]:.4f} at start -> {lastm[primary]:.4f} after {evals[-1][0]} generations "
-            f"(best {best['value']:.4f} at generation {best['gen']})"
+            f"  held-out {primary}: {first[primary]:.4f} at start -> {last[primary]:.4f} after {evals[-1][0]} generations "
+            f"(best {best.value:.4f} at generation {best.gen})"
         )
-    (run_dir / "summary.json").write_text(json.dumps({"evals": evals, "best_gen": best["gen"], "best": best["value"]}, indent=1))
+    (run_dir / "summary.json").write_text(json.dumps({"evals": evals, "best_gen": best.gen, "best": best.value}, indent=1))
 
 
 if __name__ == "__main__":

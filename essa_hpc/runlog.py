@@ -1,18 +1,21 @@
-"""The HDF5 run log (``log.h5``), written by rank 0 only; schema in DESIGN.md ("HDF5 log").
+"""The HDF5 run log (``log.h5``), written by rank 0 only; schema in docs/design.md ("HDF5 log").
 
 Every dataset is created up front, resizable and chunked, and the file is then switched to SWMR mode,
 so ``h5py.File(path, "r", libver="latest", swmr=True)`` can follow a live run and the file stays
 readable after a crash up to the last flushed generation. SWMR forbids creating datasets or attributes
 later; that is why validation metric names are declared when the log is opened.
 
-Datasets beyond DESIGN.md's table (documented here):
+Datasets beyond the design document's table (documented here):
     /gen/failures, /gen/timeouts  (G,) int64   reward-function failures / timeouts per generation
     /gen/reward_mean, /gen/reward_max (G,)     convenience summaries of /gen/rewards
     /gen/digest    (G,) S16                    optimizer-state digest checked at that generation
     /eval/<metric> (E,)                        metric names given at creation (accuracy, pass@k, ...)
-/gen/timings phases are dist.PHASES. The phases measured after the generation's Allgather
-(allgather, tell, log, checkpoint, eval) travel in the next generation's records, so row g's late
-phases are filled when generation g+1 is logged (the last row at close).
+/gen/timings phases are phases.PHASES. The phases measured after the generation's Allgather
+(phases.LATE) travel in the next generation's records, so row g's late phases are filled when
+generation g+1 is logged (the last row after the loop); phases.py owns that rule.
+
+The other ranks hold a ``NullLog``: the loop calls the same methods on every rank, and only rank 0's
+calls write.
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ import h5py
 import numpy as np
 
 from essa_hpc import __version__
-from essa_hpc.dist import DIGEST_BYTES, PHASES
+from essa_hpc.dist import DIGEST_BYTES
+from essa_hpc.phases import PHASES
 
 SCHEMA_VERSION = 1
 
@@ -123,17 +127,17 @@ class RunLog:
         tmp.replace(self.path)
 
     def _create(self, config_json: str, hostnames: list[str]) -> None:
-        f, lam, d, R = self.f, self.popsize, self.dim, self.world
+        f, popsize, dim, world = self.f, self.popsize, self.dim, self.world
         f.attrs.update(
             {
                 "config": config_json,
                 "version": __version__,
                 "schema_version": SCHEMA_VERSION,
                 "git_sha": git_sha(),
-                "world_size": R,
+                "world_size": world,
                 "hostnames": json.dumps(hostnames),
-                "popsize": lam,
-                "solution_length": d,
+                "popsize": popsize,
+                "solution_length": dim,
                 "started_at": _now(),
                 "library_versions": json.dumps(library_versions()),
                 "resumed_at": "",
@@ -146,12 +150,12 @@ class RunLog:
                 name, shape=(0, *shape), maxshape=(None, *shape), dtype=dtype, chunks=(64, *shape) if shape else (256,)
             )
 
-        ds(g, "rewards", (lam,), np.float64)
-        ds(g, "seeds", (lam,), np.uint64)
+        ds(g, "rewards", (popsize,), np.float64)
+        ds(g, "seeds", (popsize,), np.uint64)
         ds(g, "sigma", (), np.float64)
         ds(g, "wall_time", (), np.float64)
-        ds(g, "timings", (R, len(PHASES)), np.float64).attrs["phases"] = json.dumps(list(PHASES))
-        ds(g, "tokens", (R,), np.int64)
+        ds(g, "timings", (world, len(PHASES)), np.float64).attrs["phases"] = json.dumps(list(PHASES))
+        ds(g, "tokens", (world,), np.int64)
         ds(g, "failures", (), np.int64)
         ds(g, "timeouts", (), np.int64)
         ds(g, "reward_mean", (), np.float64)
@@ -161,8 +165,8 @@ class RunLog:
         for name in ("gen", "wall_time", *self.metrics):
             ds(e, name, (), np.int64 if name == "gen" else np.float64)
         fin = f.create_group("final")
-        fin.create_dataset("mean", shape=(d,), dtype=np.float64, fillvalue=np.nan)
-        fin.create_dataset("best", shape=(d,), dtype=np.float64, fillvalue=np.nan)
+        fin.create_dataset("mean", shape=(dim,), dtype=np.float64, fillvalue=np.nan)
+        fin.create_dataset("best", shape=(dim,), dtype=np.float64, fillvalue=np.nan)
         fin.create_dataset("written", shape=(), dtype=np.uint8, data=0)
 
     @property
@@ -207,7 +211,7 @@ class RunLog:
         self.f.flush()
 
     def patch_late_timings(self, gen: int, late: np.ndarray) -> None:
-        """Fill the after-Allgather phases of generation `gen` (see module docstring)."""
+        """Fill the after-Allgather phases of generation `gen` (phases.LATE; see the module docstring)."""
         ds = self.f["gen/timings"]
         row = ds[gen]
         mask = late > 0
@@ -232,10 +236,41 @@ class RunLog:
         self.f["final/written"][()] = 1
         self.f.flush()
 
+    def finish(self, late: np.ndarray, mean: np.ndarray, best: np.ndarray | None) -> None:
+        """After the loop: the last generation's late phases (gathered [world, PHASES]), the final vectors, close."""
+        if self.generations:
+            self.patch_late_timings(self.generations - 1, late)
+        self.write_final(mean, best)
+        self.close()
+
     def close(self) -> None:
         if self.f.id.valid:
             self.f.flush()
             self.f.close()
+
+
+class NullLog:
+    """The run log of ranks other than 0: the same calls, nothing written."""
+
+    generations = 0
+
+    def append_generation(self, **row: Any) -> None:
+        pass
+
+    def patch_late_timings(self, gen: int, late: np.ndarray) -> None:
+        pass
+
+    def append_eval(self, gen: int, wall_time: float, metrics: dict[str, float]) -> None:
+        pass
+
+    def write_final(self, mean: np.ndarray, best: np.ndarray | None) -> None:
+        pass
+
+    def finish(self, late: np.ndarray, mean: np.ndarray, best: np.ndarray | None) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def _now() -> str:

@@ -1,0 +1,286 @@
+"""How vectors become rewards on a rank, and how validation is sharded: the one path that both the run
+(``essa_hpc.run``) and ``essa-evaluate`` (``essa_hpc.evaluate``) take.
+
+An ``Evaluator`` is a backend (how a vector and a prompt become a completion) plus a task (examples
+and rewards) plus how prompts are rendered. ``score`` turns (candidate row, example, seed) items into
+rewards on this rank; ``validate`` scores one vector on the validation prompts, sharded over ranks,
+with the seeds of ``dist.validation_seed``: the same in every validation of a run and in
+``essa-evaluate``, so a final adapter's standalone metrics match its last validation
+(docs/design.md, "One generation").
+
+Two builders share the model loading and the rendering: ``build_evaluator`` for the run (the search
+space around the warm start: SFT, a given adapter or a random init) and ``adapter_evaluator`` for
+``essa-evaluate`` (a given adapter exactly as saved, or the base model alone).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from essa_hpc import dist, metrics
+from essa_hpc.backends.base import Backend, Request
+from essa_hpc.config import Config
+from essa_hpc.tasks.base import Example, Task
+
+
+@dataclass
+class Evaluator:
+    """How a generation's requests become rewards on this rank: a backend plus a task."""
+
+    backend: Backend
+    task: Task
+    render: Callable[[Example], str]
+    export: Callable[[np.ndarray, Path], None] | None  # writes a PEFT adapter for a vector (None: fake)
+    metric_names: list[str]  # validation metrics; the first is the primary one ("best", progress line, target)
+    summarize: Callable[[list[list[float]]], dict[str, float]]  # per-prompt rewards -> validation metrics
+    train: Sequence[Example] = field(default_factory=list)
+    validation: Sequence[Example] = field(default_factory=list)  # the prompts validate() scores
+
+    @property
+    def dim(self) -> int:
+        return int(self.backend.solution_length)
+
+
+def _summarizer(cfg: Config, task: Task) -> tuple[Callable[[list[list[float]]], dict[str, float]], list[str]]:
+    """The validation metrics of a task, and their names with the primary one first.
+
+    SWMR logs need every dataset up front: the names come from a dry call. The primary metric is
+    accuracy for checkable tasks, the mean reward otherwise.
+    """
+    threshold = float(getattr(task, "correct_threshold", 1.0))
+
+    def summarize(per_prompt: list[list[float]]) -> dict[str, float]:
+        return metrics.validation_metrics(per_prompt, threshold=threshold)
+
+    names = list(summarize([[0.0] * cfg.eval.k]))
+    primary = "accuracy" if threshold > 0 and cfg.backend.name != "fake" else "mean_reward"
+    return summarize, [primary] + [n for n in names if n != primary]
+
+
+def _load_model(cfg: Config, comm: dist.Comm) -> Any:
+    """The base model for cfg.backend; rank 0 converts shared files first, the others wait.
+
+    vllm loads the weights itself: it gets only the tokenizer and the module shapes the SVD-LoRA needs.
+    """
+    from essa_hpc import models
+
+    if comm.rank == 0:
+        models.resolve_source(cfg.model)  # converts the embedded GGUF once (atomic), before others load
+    comm.barrier()
+    return models.load_skeleton(cfg.model) if cfg.backend.name == "vllm" else models.load(cfg.model)
+
+
+def _renderer(loaded: Any, task: Task) -> Callable[[Example], str]:
+    """The chat-template rendering of an example's prompt, once per example id."""
+    from essa_hpc import models
+
+    cache: dict[str, str] = {}
+
+    def render(ex: Example) -> str:
+        if ex.id not in cache:
+            cache[ex.id] = models.render_chat(loaded.tokenizer, ex.prompt, task.system_prompt)
+        return cache[ex.id]
+
+    return render
+
+
+def build_evaluator(cfg: Config, comm: dist.Comm) -> Evaluator:
+    """The run's evaluator: model, task, the SVD-LoRA search space and the backend."""
+    from essa_hpc.tasks import make_task
+
+    task = make_task(cfg)
+    summarize, metric_names = _summarizer(cfg, task)
+    if cfg.backend.name == "fake":
+        from essa_hpc.backends.fake import FakeBackend
+
+        train, val = task.train(), list(task.validation())[: cfg.eval.size]
+        return Evaluator(FakeBackend(cfg.backend), task, lambda ex: ex.prompt, None, metric_names, summarize, train, val)
+
+    from essa_hpc import svd_lora
+    from essa_hpc.backends import make_backend
+
+    loaded = _load_model(cfg, comm)
+    train, val = task.train(), list(task.validation())[: cfg.eval.size]
+    svd = _search_space(cfg, comm, loaded, task, train)
+    backend = make_backend(cfg, loaded, svd)
+
+    def export(x: np.ndarray, out: Path) -> None:
+        svd_lora.export_adapter(svd, x, out, base_model_name_or_path=cfg.model.path)
+
+    return Evaluator(backend, task, _renderer(loaded, task), export, metric_names, summarize, train, val)
+
+
+def _search_space(cfg: Config, comm: dist.Comm, loaded: Any, task: Task, train: Sequence[Example]) -> Any:
+    """The SVD-LoRA the run searches: around lora.adapter, a cached SFT warm start, or a random init."""
+    from essa_hpc import models, svd_lora
+
+    adapter: Path | None
+    if cfg.lora.adapter:
+        adapter = Path(cfg.lora.adapter)
+    elif cfg.lora.init == "sft":
+        from essa_hpc import sft
+
+        adapter = Path()
+        if comm.rank == 0:
+            trainable = models.load(cfg.model) if cfg.backend.name == "vllm" else loaded  # SFT needs real weights
+            adapter = sft.cached_sft_adapter(cfg, trainable, train, task.system_prompt, log=print)
+            del trainable
+        adapter = Path(comm.bcast(str(adapter)))
+    else:
+        adapter = None
+    lora = cfg.lora
+    if adapter is not None:
+        return svd_lora.from_peft_dir(adapter, lora.alpha_fraction, lora.parametrization, model=loaded.model, targets=lora.targets)
+    return svd_lora.random_init(
+        loaded.model,
+        lora.rank,
+        lora.lora_alpha,
+        lora.targets,
+        cfg.run.seed,
+        alpha_fraction=lora.alpha_fraction,
+        parametrization=lora.parametrization,
+    )
+
+
+def adapter_evaluator(cfg: Config, comm: dist.Comm, examples: Sequence[Example] | None = None) -> Evaluator:
+    """``essa-evaluate``'s evaluator: the base model plus cfg.lora.adapter exactly as saved (every
+    singular value kept, so x = 0 is the adapter itself), or the base model alone; it validates on
+    ``examples``, or on the first eval.size prompts of the validation split.
+
+    Raises ValueError (TaskError, ModelError, AdapterError are ValueErrors) before loading what it can
+    check without the model, and when a prompt plus generation would not fit the model's context.
+    """
+    from essa_hpc import models
+    from essa_hpc.backends import make_backend
+    from essa_hpc.tasks import check_prompt_lengths, make_task
+
+    task = make_task(cfg)
+    val = list(examples) if examples is not None else list(task.validation())[: cfg.eval.size]
+    if not val:
+        raise ValueError(f"task {cfg.task.name}: the validation split is empty")
+    if cfg.backend.name == "fake":
+        raise ValueError("backend.name=fake has no model to evaluate; use hf or vllm")
+    models.set_threads(cfg.model.threads, comm.ranks_on_node)
+    loaded = _load_model(cfg, comm)
+    svd = None
+    if cfg.lora.adapter:
+        from essa_hpc import svd_lora
+
+        svd = svd_lora.from_peft_dir(cfg.lora.adapter, 1.0, cfg.lora.parametrization, model=loaded.model)
+    backend = make_backend(cfg, loaded, svd)
+    context = int(getattr(loaded.model.config, "max_position_embeddings", 0) or 0)
+    if context:
+        check_prompt_lengths(val, loaded.tokenizer, task.system_prompt, context, cfg.backend.max_new_tokens)
+    summarize, metric_names = _summarizer(cfg, task)
+    return Evaluator(backend, task, _renderer(loaded, task), None, metric_names, summarize, [], val)
+
+
+@dataclass
+class Scores:
+    """The outcome of scoring items on this rank, in item order."""
+
+    rewards: np.ndarray  # float64 [items]
+    tokens: np.ndarray  # int64 [items]: generated tokens per completion
+    texts: list[str]  # the completions
+    failures: int  # reward-function failures
+    timeouts: int
+    generate_s: float  # seconds in the backend
+    reward_s: float  # seconds in the task's reward
+
+
+def score(
+    ev: Evaluator,
+    vectors: np.ndarray,
+    items: list[tuple[int, Example, int]],
+    max_new_tokens: int | None = None,
+    temperature: float | None = None,
+) -> Scores:
+    """Generate and reward (candidate row of `vectors`, example, sampling seed) items."""
+    t0 = time.perf_counter()
+    requests = [Request(row, ev.render(ex), seed) for row, ex, seed in items]
+    outs = ev.backend.generate(vectors, requests, max_new_tokens=max_new_tokens, temperature=temperature) if requests else []
+    t1 = time.perf_counter()
+    r = ev.task.reward([ex for _, ex, _ in items], [o.text for o in outs]) if items else None
+    t2 = time.perf_counter()
+    return Scores(
+        rewards=np.asarray(r.values if r is not None else [], dtype=np.float64),
+        tokens=np.asarray([o.tokens for o in outs], dtype=np.int64),
+        texts=[o.text for o in outs],
+        failures=r.failures if r is not None else 0,
+        timeouts=r.timeouts if r is not None else 0,
+        generate_s=t1 - t0,
+        reward_s=t2 - t1,
+    )
+
+
+@dataclass
+class Validation:
+    """One vector's validation, gathered from every rank in prompt order."""
+
+    per_prompt: list[list[float]]  # eval.k rewards per prompt
+    samples: list[dict[str, Any]]  # (id, sample, completion, reward) per completion, when asked for
+    failures: int
+    timeouts: int
+
+
+def validation_scores(ev: Evaluator, cfg: Config, comm: dist.Comm, vector: np.ndarray, keep_samples: bool = False) -> Validation:
+    """Score one vector on ev.validation, eval.k samples per prompt, sharded over ranks in contiguous
+    slices; every rank gets the whole result."""
+    exs, k = list(ev.validation), cfg.eval.k
+    lo, hi = dist.shard(len(exs), comm.size, comm.rank)
+    pairs = [(i, s) for i in range(lo, hi) for s in range(k)]
+    items = [(0, exs[i], dist.validation_seed(cfg.run.seed, i, s)) for i, s in pairs]
+    scores = score(ev, vector[None, :], items, temperature=cfg.eval.temperature)
+    rewards = scores.rewards.tolist()
+    mine = [rewards[j * k : (j + 1) * k] for j in range(hi - lo)]
+    samples = (
+        [{"id": exs[i].id, "sample": s, "completion": text, "reward": v} for (i, s), text, v in zip(pairs, scores.texts, rewards)]
+        if keep_samples
+        else []
+    )
+    parts = comm.allgather((mine, samples, scores.failures, scores.timeouts))
+    return Validation(
+        per_prompt=[row for part in parts for row in part[0]],
+        samples=[row for part in parts for row in part[1]],
+        failures=sum(part[2] for part in parts),
+        timeouts=sum(part[3] for part in parts),
+    )
+
+
+def validate(ev: Evaluator, cfg: Config, comm: dist.Comm, vector: np.ndarray) -> dict[str, float]:
+    """Validation metrics of one vector, sharded over ranks; identical on every rank."""
+    return ev.summarize(validation_scores(ev, cfg, comm, vector).per_prompt)
+
+
+class AdapterValidation:
+    """Validation of PEFT adapter folders on one loaded base model, as the run loop validates its mean.
+
+    Each call reads the adapter back as an SVD-LoRA with every singular value kept (x = 0 is the
+    adapter exactly) and runs ``validate`` on it: the same backend, prompts, seeds and metrics as an
+    ESSA run's validation. The GRPO baseline validates its policy this way, so the two methods are
+    scored by one path. The base model is loaded once; each call wraps and unwraps its layers.
+    """
+
+    def __init__(self, cfg: Config, comm: dist.Comm, task: Task, examples: Sequence[Example]) -> None:
+        self.cfg, self.comm, self.task, self.examples = cfg, comm, task, list(examples)
+        self.loaded = _load_model(cfg, comm)
+        self.render = _renderer(self.loaded, task)
+        self.summarize, self.metric_names = _summarizer(cfg, task)
+
+    def __call__(self, adapter_dir: Path) -> dict[str, float]:
+        from essa_hpc import svd_lora
+        from essa_hpc.backends import make_backend
+
+        svd = svd_lora.from_peft_dir(adapter_dir, 1.0, self.cfg.lora.parametrization, model=self.loaded.model)
+        backend = make_backend(self.cfg, self.loaded, svd)
+        try:
+            ev = Evaluator(backend, self.task, self.render, None, self.metric_names, self.summarize, [], self.examples)
+            return validate(ev, self.cfg, self.comm, np.zeros(svd.solution_length))
+        finally:
+            backend.close()
