@@ -27,10 +27,12 @@ def reward_lower(prompts: Sequence[str], completions: Sequence[str], **_: object
     return [sum(ch.islower() for ch in c) / max(1, len(c)) for c in completions]
 
 
+def module_cli(module: str, args: list[str], timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=timeout)
+
+
 def grpo_cli(args: list[str], timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "essa_hpc.grpo", *args], cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=timeout
-    )
+    return module_cli("essa_hpc.grpo", args, timeout)
 
 
 @pytest.fixture(scope="module")
@@ -178,14 +180,7 @@ def test_report_overlays_essa_and_grpo(grpo_run: Path, setup: dict[str, object],
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     essa_log = grpo_run.parent / "essa" / "log.h5"
     out = tmp_path / "report"
-    rep = subprocess.run(
-        [sys.executable, "-m", "analysis.report", str(essa_log), str(grpo_run / "log.h5"), "--out", str(out), "--formats", "png"],
-        cwd=REPO,
-        env=cli_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    rep = module_cli("analysis.report", [str(essa_log), str(grpo_run / "log.h5"), "--out", str(out), "--formats", "png"])
     assert rep.returncode == 0, rep.stderr[-3000:]
     assert (out / "methods_accuracy_vs_train_time.png").stat().st_size > 1000
     assert (out / "methods_accuracy_vs_tokens.png").stat().st_size > 1000
@@ -202,13 +197,6 @@ def test_report_overlays_essa_and_grpo(grpo_run: Path, setup: dict[str, object],
         assert essa["tokens"].iloc[-1] == int(f["gen/tokens"][()].sum())
         assert essa["train_time"].iloc[-1] < f["gen/wall_time"][-1]  # the validations are left out
     # GRPO logs alone: the overlay and a short summary
-    rep2 = subprocess.run(
-        [sys.executable, "-m", "analysis.report", str(grpo_run), "--out", str(tmp_path / "r2"), "--formats", "png"],
-        cwd=REPO,
-        env=cli_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    rep2 = module_cli("analysis.report", [str(grpo_run), "--out", str(tmp_path / "r2"), "--formats", "png"])
     assert rep2.returncode == 0, rep2.stderr[-3000:]
     assert "| grpo | grpo |" in (tmp_path / "r2" / "summary.md").read_text()
