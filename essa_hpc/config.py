@@ -3,9 +3,9 @@
 Why plain dataclasses: a config is data that every rank must agree on, that is written to the run
 directory and the HDF5 log, and that sweeps rewrite with dotted keys. Nothing here loads a model or
 touches MPI; `load_config` validates everything that can be checked without expensive work, so a bad
-key or value fails in milliseconds with a message naming the field (DESIGN.md, "Bad input").
+key or value fails in milliseconds with a message naming the field (docs/design.md, "Exit codes").
 
-Sections and key names follow DESIGN.md's config table; extra keys are documented in each field's
+Sections and key names follow docs/design.md's config table; extra keys are documented in each field's
 ``doc`` metadata (``python -m essa_hpc.run --help-config`` prints them all).
 """
 

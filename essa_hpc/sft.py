@@ -12,7 +12,7 @@ The base model is wrapped in place and unwrapped again afterwards (``peft ... un
 
 ``cached_sft_adapter`` keys the adapter by everything that changes it (model, task data, system
 prompt, LoRA shape, SFT settings, seed) and reuses it from ``<cache>/sft/<key>``. Under MPI one rank
-calls it and the others wait at a barrier (DESIGN.md "Many ranks share one file system").
+calls it and the others wait at a barrier (docs/design.md, "Run directory": caches).
 
 CLI: ``python -m essa_hpc.sft [--config F] [--set k=v ...] [--out DIR]`` (also ``essa-sft``); without
 --out the adapter goes to (or is reused from) the cache and its path is printed.
@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from essa_hpc import models
+from essa_hpc import exit_codes, models
 from essa_hpc.config import Config, LoraSection, SftSection
 from essa_hpc.svd_lora import atomic_dir, target_linears
 from essa_hpc.tasks.base import Example
@@ -330,7 +330,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             stats.pop("meta", None)
     except (ConfigError, models.ModelError, AdapterError, SftError) as e:
         print(f"essa-sft: error: {e}", file=sys.stderr)
-        return 2
+        return exit_codes.BAD_INPUT
     print(json.dumps({"adapter": str(path), **stats}, sort_keys=True))
     return 0
 
