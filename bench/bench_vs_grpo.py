@@ -49,7 +49,8 @@ ESSA_VARIANTS: dict[str, list[str]] = {
     "crn_b32": ["backend.temperature=0.7", "search.common_random_numbers=true", "task.batch_size=32", "search.popsize=12"],
     "full_b48": ["search.diagonal=false", "task.batch_size=48"],
     "alpha1": ["lora.alpha_fraction=1.0"],
-    "sigma05": ["search.sigma0=0.5"],
+    "sigma03": ["search.sigma0=0.3"],
+    "crn_s03": ["backend.temperature=0.7", "search.common_random_numbers=true", "search.sigma0=0.3"],
     "ranks": ["search.fitness_shaping=centered_ranks"],
 }
 
@@ -277,7 +278,7 @@ def main() -> None:
     ap.add_argument("--budget-min", type=float, default=20.0, help="training minutes per run (validation excluded)")
     ap.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[1234, 1])
     ap.add_argument("--essa", type=lambda s: s.split(","), default=["default"], help=f"ESSA variants from {sorted(ESSA_VARIANTS)}")
-    ap.add_argument("--grpo-lrs", type=lambda s: [float(x) for x in s.split(",")], default=[1e-4, 3e-4])
+    ap.add_argument("--grpo-lrs", type=lambda s: [float(x) for x in s.split(",") if x], default=[1e-4, 3e-4])
     ap.add_argument("--grpo-group", type=int, default=8)
     ap.add_argument("--grpo-prompts", type=int, default=4)
     ap.add_argument("--essa-eval-every", type=int, default=4, help="generations between validations")
