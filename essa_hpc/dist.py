@@ -147,14 +147,16 @@ class Comm:
 
     def __init__(self, mpi_comm: Any = None) -> None:
         self._comm = mpi_comm
+        # local_rank: this rank's index among the ranks of its node, the one input of the GPU placement
+        # rule (essa_hpc.placement); the communicator knows it, so no launcher variable is read for it.
         if mpi_comm is None:
-            self.rank, self.size, self.ranks_on_node = 0, 1, 1
+            self.rank, self.size, self.ranks_on_node, self.local_rank = 0, 1, 1, 0
         else:
             from mpi4py import MPI
 
             self.rank, self.size = mpi_comm.Get_rank(), mpi_comm.Get_size()
             node = mpi_comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
-            self.ranks_on_node = node.Get_size()
+            self.ranks_on_node, self.local_rank = node.Get_size(), node.Get_rank()
             node.Free()
 
     @property

@@ -69,11 +69,24 @@ def _load_model(cfg: Config, comm: dist.Comm) -> Any:
     vllm loads the weights itself: it gets only the tokenizer and the module shapes the SVD-LoRA needs.
     """
     from essa_hpc import models
+    from essa_hpc.placement import bind_rank_gpus
 
+    # Before anything starts CUDA: narrow this rank to its GPUs (tensor_parallel_size of them for vllm,
+    # one for hf) by the one placement rule, from the communicator's local rank.
+    tp = int(cfg.backend.tensor_parallel_size) if cfg.backend.name == "vllm" else 1
+    bind_rank_gpus(comm.local_rank, tp, _cuda_device_count)
     if comm.rank == 0:
         models.resolve_source(cfg.model)  # converts the embedded GGUF once (atomic), before others load
     comm.barrier()
     return models.load_skeleton(cfg.model) if cfg.backend.name == "vllm" else models.load(cfg.model)
+
+
+def _cuda_device_count() -> int:
+    """GPUs of the node when CUDA_VISIBLE_DEVICES is unset. torch.cuda.device_count asks NVML first and
+    starts no CUDA context (torch.cuda.is_available would, and CUDA_VISIBLE_DEVICES set after it is ignored)."""
+    import torch
+
+    return int(torch.cuda.device_count())
 
 
 def _renderer(loaded: Any, task: Task) -> Callable[[Example], str]:

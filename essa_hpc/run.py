@@ -234,7 +234,7 @@ def run(cfg: Config, comm: dist.Comm, resume: bool = False) -> int:
             ev.export(state.best.vector, cfg.run_dir / "adapter_best")
     comm.barrier()
     if comm.rank == 0 and exit_code == exit_codes.OK:
-        summary(cfg, state, primary)
+        summary(cfg, state, primary, getattr(ev.backend, "diagnostics", dict)())
     ev.backend.close()
     return exit_code
 
@@ -434,7 +434,7 @@ def open_log(cfg: Config, comm: dist.Comm, ev: Evaluator, resume_gen: int | None
     return log
 
 
-def summary(cfg: Config, state: checkpoint.State, primary: str) -> None:
+def summary(cfg: Config, state: checkpoint.State, primary: str, backend: dict[str, Any]) -> None:
     run_dir, evals, best = cfg.run_dir, state.evals, state.best
     print(f"essa-run: done. run directory {run_dir}", flush=True)
     print(f"  log: {run_dir / 'log.h5'}")
@@ -448,7 +448,8 @@ def summary(cfg: Config, state: checkpoint.State, primary: str) -> None:
             f"  held-out {primary}: {first[primary]:.4f} at start -> {last[primary]:.4f} after {evals[-1][0]} generations "
             f"(best {best.value:.4f} at generation {best.gen})"
         )
-    (run_dir / "summary.json").write_text(json.dumps({"evals": evals, "best_gen": best.gen, "best": best.value}, indent=1))
+    record = {"evals": evals, "best_gen": best.gen, "best": best.value} | ({"backend": backend} if backend else {})
+    (run_dir / "summary.json").write_text(json.dumps(record, indent=1))
 
 
 if __name__ == "__main__":

@@ -47,6 +47,7 @@ SMALL = [
 ]
 
 
+@pytest.mark.timeout(2400)  # the run (1500 s) and the evaluation (900 s) it starts have their own limits
 def test_embedded_default_end_to_end(tmp_path: Path) -> None:
     r = run_cli([*SMALL, "--set", f"run.dir={tmp_path}", "--set", "run.name=e2e"], REPO, timeout=1500)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

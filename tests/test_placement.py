@@ -70,3 +70,30 @@ def test_shell_exit_codes_match_exit_codes_py() -> None:
     text = (REPO / "slurm" / "common.sh").read_text()
     assert re.search(rf"^ESSA_REQUEUE_EXIT_CODE={exit_codes.REQUEUE}\b", text, re.M)
     assert re.search(rf"^ESSA_BAD_INPUT_EXIT_CODE={exit_codes.BAD_INPUT}\b", text, re.M)
+
+
+@pytest.mark.mpi
+def test_ranks_bind_their_gpus_from_the_communicators_local_rank(tmp_path) -> None:
+    """Under a real mpiexec, every rank of a node narrows CUDA_VISIBLE_DEVICES to its own device before a
+    model loads (evaluation._load_model, the path of essa-run and essa-evaluate), from dist.Comm.local_rank
+    and no launcher variable."""
+    import sys
+
+    from .conftest import cli_env, mpiexec
+
+    script = tmp_path / "bind.py"
+    script.write_text(
+        "import os, types\n"
+        "from essa_hpc import dist, evaluation, models\n"
+        "comm = dist.init()\n"
+        "models.resolve_source = models.load = lambda m: None  # placement only: no model needed\n"
+        "cfg = types.SimpleNamespace(backend=types.SimpleNamespace(name='hf', tensor_parallel_size=1), model=None)\n"
+        "evaluation._load_model(cfg, comm)\n"
+        "seen = comm.allgather((comm.local_rank, os.environ['CUDA_VISIBLE_DEVICES']))\n"
+        "if comm.rank == 0: print('BOUND', seen)\n"
+    )
+    env = cli_env() | {"CUDA_VISIBLE_DEVICES": "GPU-a,GPU-b,GPU-c"}
+    env = {k: v for k, v in env.items() if k not in ("SLURM_LOCALID", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID")}
+    out = subprocess.run([mpiexec(), "-n", "3", sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "BOUND [(0, 'GPU-a'), (1, 'GPU-b'), (2, 'GPU-c')]" in out.stdout

@@ -75,6 +75,7 @@ def driver(spec_path: str, out_path: str) -> None:
     # 1. the population: every candidate an adapter, one generate call
     pop = backend.generate(X, reqs)
     out["lora_paths"] = backend.llm.collective_rpc("essa_lora_path_calls")[0]
+    out["diagnostics"] = backend.diagnostics()  # what summary.json records
     out["population"] = {
         "texts": texts(pop),
         "tokens": [c.tokens for c in pop],
@@ -527,6 +528,8 @@ def test_factory_and_cpu_lora_ops(vllm_out):
     # in the engine, ESSA's candidates went through the shared basis on every LoRA layer call
     paths = vllm_out["lora_paths"]
     assert paths.get("shared_basis", 0) > 0 and not any(paths.get(p) for p in ("vllm", "grid", "runs")), paths
+    diag = vllm_out["diagnostics"]  # summary.json's record: the flags and the same counters, summed over workers
+    assert diag["cpu_lora_ops_patched"] and diag["lora_path_calls"]["shared_basis"] >= paths["shared_basis"], diag
     lin = vllm_out["linear"]  # add_lora_linear replaced: same values as vLLM's, and it did not hand back
     diffs = lin["max_rel_diff"]  # float32: summation order only; bfloat16: its rounding (8 bits of mantissa)
     assert len(diffs) == 42 and all(v < (2e-2 if k.startswith("essa_bf16") else 1e-5) for k, v in diffs.items()), diffs

@@ -119,6 +119,7 @@ engines).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import itertools
 import math
@@ -508,6 +509,19 @@ class VLLMBackend:
                     self.llm.llm_engine.remove_lora(lr.lora_int_id)
         if folder is not None:
             shutil.rmtree(folder, ignore_errors=True)
+
+    def diagnostics(self) -> dict[str, Any]:
+        """What the run's summary.json records about this engine: whether the CPU LoRA replacements were
+        applied and how many layer calls took each of their paths (docs/design.md, "vLLM on the CPU").
+        A patched engine whose calls all took vLLM's own path served nothing from the replacements."""
+        out: dict[str, Any] = {"cpu_lora_ops_patched": self.cpu_lora_ops_patched, "cpu_lora_compiled": self.cpu_lora_compiled}
+        if self.cpu_lora_ops_patched and self.llm is not None:
+            calls: collections.Counter[str] = collections.Counter()
+            with contextlib.suppress(Exception):  # an engine that cannot answer: report the flags alone
+                for worker in self.llm.collective_rpc("essa_lora_path_calls"):
+                    calls.update(worker)
+            out["lora_path_calls"] = dict(calls)
+        return out
 
     def close(self) -> None:
         """Shut the engine down and delete the adapter folder."""
