@@ -201,22 +201,19 @@ def run_all(todo: list[dict[str, Any]], parallel: int, work: Path) -> None:
 
 
 def summarise(todo: list[dict[str, Any]], work: Path, args: argparse.Namespace) -> dict[str, Any]:
-    import numpy as np
-    import pandas as pd
-
+    """Every run's record (its validation curve read from its log) and the table over them."""
     sys.path.insert(0, str(REPO))
-    from analysis import methods, plots
+    from analysis import methods
 
     budget = 60.0 * args.budget_min
     marks = [60.0 * m for m in range(args.mark_every_min, int(args.budget_min) + 1, args.mark_every_min)]
-    curves, runs = [], []
+    runs = []
     for job in todo:
         log = work / "runs" / job["name"] / "log.h5"
         if job.get("returncode") != 0 or not log.is_file():
             runs.append({k: job.get(k) for k in ("name", "label", "method", "seed", "returncode", "command")})
             continue
         c = methods.eval_curve(log, job["name"])
-        curves.append(c)
         start = float(c["accuracy"].iloc[0])
         at_budget = methods.value_at(c, "accuracy", budget)
         runs.append(
@@ -230,7 +227,22 @@ def summarise(todo: list[dict[str, Any]], work: Path, args: argparse.Namespace) 
                 "curve": c[["step", "train_time", "tokens", "accuracy", "mean_reward"]].round(6).to_dict(orient="list"),
             }
         )
+    return {"runs": runs, **aggregate(runs, Path(args.out))}
+
+
+def aggregate(runs: list[dict[str, Any]], out: Path) -> dict[str, Any]:
+    """Per setting: gains over seeds; the targets (best ESSA against the best GRPO learning rate, both
+    chosen by their mean gain over seeds); the overlay plot of every curve, beside ``out`` and named after
+    it. Works on run records alone,
+    so that results of separate calls (other seeds, other variants) combine (``--combine``)."""
+    import numpy as np
+    import pandas as pd
+
+    sys.path.insert(0, str(REPO))
+    from analysis import methods, plots
+
     ok = [r for r in runs if "gain_points" in r]
+    curves = {r["name"]: pd.DataFrame({"run": r["name"], "method": r["method"], **r["curve"]}) for r in ok}
     by_label: dict[str, list[dict[str, Any]]] = {}
     for r in ok:
         by_label.setdefault(r["label"], []).append(r)
@@ -251,13 +263,12 @@ def summarise(todo: list[dict[str, Any]], work: Path, args: argparse.Namespace) 
         best_grpo = max(grpo, key=lambda k: grpo[k]["gain_points_mean"])
         best_essa = max(essa, key=lambda k: essa[k]["gain_points_mean"])
         g_gain, e_gain = grpo[best_grpo]["gain_points_mean"], essa[best_essa]["gain_points_mean"]
-        # minutes the best ESSA setting needs, per seed, to reach the best GRPO's accuracy at the budget
+        # minutes the best ESSA setting needs, per seed both ran, to reach the best GRPO's accuracy at the budget
         reach = []
-        for seed in args.seeds:
-            ge = [r for r in by_label[best_grpo] if r["seed"] == seed]
-            ee = [c for c in curves if c["run"].iloc[0] == f"{best_essa}-s{seed}"]
-            if ge and ee:
-                reach.append(methods.time_to(ee[0], "accuracy", ge[0]["accuracy_at_budget"]) / 60.0)
+        for g in by_label[best_grpo]:
+            e = [r for r in by_label[best_essa] if r["seed"] == g["seed"]]
+            if e:
+                reach.append(methods.time_to(curves[e[0]["name"]], "accuracy", g["accuracy_at_budget"]) / 60.0)
         targets = {
             "best_grpo": best_grpo,
             "best_grpo_gain_points": g_gain,
@@ -265,12 +276,33 @@ def summarise(todo: list[dict[str, Any]], work: Path, args: argparse.Namespace) 
             "best_essa_gain_points": e_gain,
             "essa_gain_at_least_2x_grpo": bool(e_gain >= 2 * g_gain and e_gain > 0),
             "essa_minutes_to_grpo_budget_accuracy": reach,
-            "essa_reaches_it_within_7_min": bool(reach and all(m <= 7.0 for m in reach)),
+            # only a gain is a level to reach: below the SFT start, ESSA "reaches" it at minute 0
+            "essa_reaches_it_within_7_min": bool(g_gain > 0 and reach and all(m <= 7.0 for m in reach)),
         }
     if curves:
-        all_curves = pd.concat(curves, ignore_index=True)
-        plots.method_overlay(all_curves, "accuracy", Path(args.out).parent, formats=("png",), stem="vs_grpo")
-    return {"runs": runs, "by_setting": labels, "targets": targets}
+        plots.method_overlay(pd.concat(curves.values(), ignore_index=True), "accuracy", out.parent, formats=("png",), stem=out.stem)
+    return {"by_setting": labels, "targets": targets}
+
+
+def combine(files: list[Path], out: Path) -> None:
+    """One table over the runs of several result files (each run keeps its curve), for the same budget."""
+    results = [json.loads(f.read_text()) for f in files]
+    budgets = {r["settings"]["budget_min"] for r in results}
+    if len(budgets) != 1:
+        raise SystemExit(f"--combine: the files have different budgets {sorted(budgets)} (minutes); expected one")
+    runs = [run | {"from": str(f)} for f, r in zip(files, results) for run in r["runs"]]
+    combined = {
+        "benchmark": results[0]["benchmark"],
+        "command": "python bench/bench_vs_grpo.py " + " ".join(sys.argv[1:]),
+        "combined_from": {str(f): {"command": r["command"], "sft": r["sft"], "date": r["date"]} for f, r in zip(files, results)},
+        "settings": {"budget_min": budgets.pop()},
+        "runs": runs,
+        **aggregate(runs, out),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    out.write_text(json.dumps(combined, indent=1) + "\n")
+    print(json.dumps({"by_setting": combined["by_setting"], "targets": combined["targets"]}, indent=1))
+    print(f"wrote {out}")
 
 
 def main() -> None:
@@ -294,8 +326,12 @@ def main() -> None:
     ap.add_argument("--cache", default=str(Path.home() / ".cache" / "essa_hpc" / "bench"))
     ap.add_argument("--workdir", default=str(Path.home() / ".cache" / "essa_hpc" / "bench" / "vs_grpo"))
     ap.add_argument("--summarise-only", action="store_true", help="re-read the run directories of an earlier call")
+    ap.add_argument("--combine", type=lambda s: [Path(x) for x in s.split(",")], help="earlier result files: one table over their runs")
     ap.add_argument("--out", default=str(BENCH / "results" / "vs_grpo.json"))
     args = ap.parse_args()
+    if args.combine:
+        combine(args.combine, Path(args.out))
+        return
     unknown = [v for v in args.essa if v not in ESSA_VARIANTS]
     if unknown:
         raise SystemExit(f"--essa: unknown variant(s) {unknown}; expected some of {sorted(ESSA_VARIANTS)}")
