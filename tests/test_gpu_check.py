@@ -31,12 +31,13 @@ def real(x: Any) -> bool:
 def smoke(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("gpu_check")
     r = subprocess.run(
-        [sys.executable, str(SCRIPT), "--smoke", "--out", str(out)],
+        # a budget no CI machine reaches: every section runs (the budget's skipping is for the GPU's minutes)
+        [sys.executable, str(SCRIPT), "--smoke", "--budget-s", "3000", "--out", str(out)],
         cwd=REPO,
         env=cli_env(),
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=3000,
     )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     files = list(out.glob("gpu_smoke_*.json"))
@@ -104,7 +105,7 @@ def test_determinism_two_runs_and_ranks(smoke: dict[str, Any]) -> None:
     for mode in ("greedy", "sampled"):
         assert ip[mode]["same"] is True, ip[mode]
         assert ip[mode]["identical_token_ids"] == ip[mode]["of"] == ip["requests"]
-        assert ip[mode]["distinct_completions"] > 1  # not one completion for every request
+    assert ip["sampled"]["distinct_completions"] > 1  # seeded sampling: not one completion for every request
     mp = d["mpiexec"]
     assert mp["status"] == "done", mp
     assert mp["runs"]["n1"]["exit"] == 0 and mp["runs"]["n2"]["exit"] == 0, mp
