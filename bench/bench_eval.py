@@ -104,6 +104,8 @@ def timed(fn: Any) -> tuple[float, float, float, Any]:
 
 def hf_generate(model: Any, tok: Any, prompts: list[str], max_new: int) -> Any:
     enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    dev = next(model.parameters()).device  # the CPU here; CUDA when bench/gpu_check.py runs it
+    enc = {k: v.to(dev) for k, v in enc.items()}
     with torch.inference_mode():
         return model.generate(**enc, max_new_tokens=max_new, min_new_tokens=max_new, do_sample=False, pad_token_id=tok.pad_token_id)
 
