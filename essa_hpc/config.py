@@ -584,11 +584,6 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     need(t.reward_timeout_s > 0, "task.reward_timeout_s", f"expected > 0, got {t.reward_timeout_s}")
     need(t.max_failed_generations >= 0, "task.max_failed_generations", f"expected >= 0 (0 = never stop), got {t.max_failed_generations}")
     need(
-        b.name != "fake" or lo.adapter is None,
-        "lora.adapter",
-        "backend.name=fake scores vectors analytically and loads no model or adapter; unset lora.adapter",
-    )
-    need(
         t.name != "reward_model" or t.reward_model is not None,
         "task.reward_model",
         "task.name=reward_model needs the path of a reward model",

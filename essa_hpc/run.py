@@ -137,6 +137,8 @@ def _run(cfg: Config, comm: dist.Comm, resume: bool, started: float, stop_flag: 
     threads = set_threads(cfg, comm)
     resuming = prepare_run_dir(cfg, comm, resume)
     ev = build_evaluator(cfg, comm)
+    if cfg.backend.name == "fake" and cfg.lora.adapter:
+        say(comm, f"essa-run: warning: lora.adapter={cfg.lora.adapter} is ignored: backend.name=fake loads no model or adapter")
     popsize, batch_size, dim = cfg.search.popsize, cfg.task.batch_size, ev.dim
     if len(ev.train) < batch_size:
         raise RunError(f"task.batch_size={batch_size} but the training split has only {len(ev.train)} examples")

@@ -398,7 +398,8 @@ def check_resumable(path: Path, *, world_size: int, popsize: int, gen: int) -> N
         if "gen/sigma" not in f or "popsize" not in f.attrs:
             raise LogFileError(f"{path}: not an essa_hpc run log (no /gen/sigma); restore the run's log.h5 or pick a new run.name")
         logged_world, logged_pop = int(f.attrs.get("world_size", -1)), int(f.attrs["popsize"])
-        f["gen/sigma"].refresh()
+        if f.swmr_mode:
+            f["gen/sigma"].refresh()
         rows = int(f["gen/sigma"].shape[0])
     if logged_world != world_size:
         raise LogFileError(
