@@ -104,13 +104,20 @@ def _main(argv: Sequence[str] | None) -> int:
 
 
 def bad_input_errors() -> tuple[type[BaseException], ...]:
-    """Errors that mean "fix your input": exit status BAD_INPUT and one line, no traceback."""
-    from essa_hpc.models import ModelError
+    """Errors that mean "fix your input": exit status BAD_INPUT and one line, no traceback.
+
+    The model and adapter errors are looked up only where their modules are loaded (an error of a
+    module never imported cannot have been raised): a fake-backend run that refuses its input does not
+    import torch just to say so.
+    """
     from essa_hpc.runlog import LogFileError
-    from essa_hpc.svd_lora import AdapterError
     from essa_hpc.tasks.base import TaskError
 
-    return (RunError, checkpoint.CheckpointError, ConfigError, TaskError, ModelError, AdapterError, LogFileError)
+    errors: list[type[BaseException]] = [RunError, checkpoint.CheckpointError, ConfigError, TaskError, LogFileError]
+    for module, name in (("essa_hpc.models", "ModelError"), ("essa_hpc.svd_lora", "AdapterError")):
+        if module in sys.modules:
+            errors.append(getattr(sys.modules[module], name))
+    return tuple(errors)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -186,7 +186,7 @@ CASES = [
     Case("reward-nan", fake("--set", PLUGIN.format("nan"), "--set", "task.max_failed_generations=0"), 0,
          ("reward failures 8/8", "is nan", "first distinct errors")),
     Case("reward-wrong-length", fake("--set", PLUGIN.format("short"), "--set", "task.max_failed_generations=1"), 1,
-         ("returned 1 rewards for 2 completions", "every reward failed in 1 generation(s)")),
+         ("returned 7 rewards for 8 completions", "every reward failed in 1 generation(s)")),
     Case("reward-timeout", fake("--set", PLUGIN.format("slow"), "--set", "task.reward_timeout_s=0.05", "--set", "task.max_failed_generations=0",  # noqa: E501
                                 generations=1), 0, ("reward failures 8/8 (8 timeouts)", "timed out after 0.05 s")),
     Case("reward-some-fail", fake("--set", PLUGIN.format("half"), generations=2), 0, ("reward failures 4/8", "is None", "done")),
