@@ -97,14 +97,15 @@ class RunLog:
         try:
             self._copy_into(tmp, gen, config_json, hostnames)
         except BaseException:
-            with contextlib.suppress(Exception):
-                self.f.close()
+            partial = getattr(self, "f", None)
+            if partial is not None:
+                with contextlib.suppress(Exception):
+                    partial.close()
             tmp.unlink(missing_ok=True)  # the old log stays as it was; no half-written copy is left
             raise
         tmp.replace(self.path)
 
     def _copy_into(self, tmp: Path, gen: int, config_json: str, hostnames: list[str]) -> None:
-        self.f = None  # type: ignore[assignment]
         with open_live(self.path) as old:
             a = old.attrs
             if int(a["popsize"]) != self.popsize or int(a["solution_length"]) != self.dim:
