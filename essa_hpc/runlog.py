@@ -316,7 +316,7 @@ def hdf5_problem(path: str | Path) -> str | None:
                     where = off
                     break
             if where < 0:
-                return f"not an HDF5 file ({size} bytes, no HDF5 signature)"
+                return f"cannot open as HDF5: not an HDF5 file ({size} bytes, no HDF5 signature)"
             fh.seek(where)
             sb = fh.read(96)
     except IsADirectoryError:
