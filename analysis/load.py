@@ -33,6 +33,8 @@ import h5py
 import numpy as np
 import pandas as pd
 
+from essa_hpc.runlog import LogFileError, open_live
+
 LATE_PHASES = ("allgather", "tell", "log", "checkpoint", "eval")  # filled one generation later (runlog.py)
 WORK_PHASES = ("generate", "reward")  # the useful work; everything else is overhead
 QUANTILES = {"reward_q10": 0.10, "reward_q25": 0.25, "reward_median": 0.5, "reward_q75": 0.75, "reward_q90": 0.90}
@@ -43,14 +45,14 @@ class LogError(ValueError):
 
 
 def open_log(path: str | Path) -> h5py.File:
-    """Open read-only, in SWMR mode when possible (a live run), plainly otherwise."""
+    """Open read-only, in SWMR mode when possible (a live run, or one whose writer was killed and left
+    the file's "open for write" flag set), plainly otherwise. A file that is not HDF5 or was cut short
+    is refused from its superblock before the HDF5 library reads it (essa_hpc.runlog.check_file): the
+    library would otherwise retry its reads for minutes, deaf to Ctrl-C."""
     try:
-        return h5py.File(path, "r", libver="latest", swmr=True)
-    except OSError:
-        try:
-            return h5py.File(path, "r")
-        except OSError as e:
-            raise LogError(f"{path}: cannot open as HDF5 ({e})") from e
+        return open_live(path)
+    except LogFileError as e:
+        raise LogError(str(e)) from None
 
 
 def find_logs(items: Iterable[str | Path]) -> list[Path]:
@@ -115,8 +117,16 @@ class Run:
 
 
 def read_run(path: str | Path, name: str | None = None) -> Run:
-    """Read one log (also while it is being written)."""
-    path = Path(path)
+    """Read one log (also while it is being written); a damaged one is a LogError naming the file."""
+    try:
+        return _read_run(Path(path), name)
+    except LogError:
+        raise
+    except (OSError, KeyError, ValueError, TypeError, IndexError) as e:
+        raise LogError(f"{path}: not a readable ESSA run log ({type(e).__name__}: {str(e)[:160]})") from None
+
+
+def _read_run(path: Path, name: str | None) -> Run:
     with open_log(path) as f:
         if "gen" not in f or "gen/rewards" not in f:
             raise LogError(f"{path}: not an ESSA run log (no /gen/rewards)")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
@@ -35,7 +36,7 @@ from analysis.load import (
     time_to_target,
     tokens_per_sample,
 )
-from essa_hpc.exit_codes import BAD_INPUT, OK
+from essa_hpc.exit_codes import BAD_INPUT, FAILURE, OK
 
 TARGET_FRACTION = 0.9  # default target: 90 % of the improvement every run achieved (see default_target)
 
@@ -518,8 +519,22 @@ def build_presets(args: argparse.Namespace, fits: dict[str, latency.EtaFit]) -> 
     return presets
 
 
+def check_out(out: Path) -> None:
+    """--out must be a folder this process can create and write, checked before any log is read."""
+    if out.exists() and not out.is_dir():
+        raise LogError(f"--out {out}: is a file, expected a folder (it is created when missing)")
+    probe = out
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise LogError(f"--out {out}: {probe} is a file, expected a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise LogError(f"--out {out}: {probe} is not writable")
+
+
 def build_report(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out)
+    check_out(out)
     formats = tuple(f.strip() for f in args.formats.split(",") if f.strip())
     paths = find_logs(args.logs)
     grpo = [p for p in paths if methods.log_method(p) == "grpo"]
@@ -629,6 +644,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LogError as e:
         print(f"analysis.report: {e}", file=sys.stderr)
         return BAD_INPUT
+    except OSError as e:  # writing --out failed part way (a full disk, a folder made read-only)
+        print(f"analysis.report: cannot write {e.filename or args.out}: {e.strerror}", file=sys.stderr)
+        return FAILURE
     print(f"analysis.report: {len(res['runs'])} run(s) -> {res['summary_md']} and {len(res['figures'])} figure files")
     return OK
 

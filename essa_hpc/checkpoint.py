@@ -70,12 +70,17 @@ class State:
         return cls(d["gen"], d["optimizer"], d["elapsed"], float(d.get("trained", 0.0)), Best(**d["best"]), d["evals"])
 
 
-def save_state(run_dir: Path, state: State, config_digest: str) -> Path:
-    return save(run_dir, {**state.to_dict(), "config_digest": config_digest})
+def save_state(run_dir: Path, state: State, config_digest: str, config: dict[str, Any] | None = None) -> Path:
+    """Write the state; ``config`` (the run's Config.to_dict()) lets a refused resume name the keys that differ."""
+    return save(run_dir, {**state.to_dict(), "config_digest": config_digest, **({"config": config} if config is not None else {})})
 
 
-def load_state(run_dir: Path, config_digest: str) -> State:
-    return State.from_dict(load(run_dir, config_digest))
+def load_state(run_dir: Path, config_digest: str, *, accept: tuple[str, ...] = (), config: dict[str, Any] | None = None) -> State:
+    d = load(run_dir, config_digest, accept=accept, config=config)
+    try:
+        return State.from_dict(d)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path_in(run_dir)}: not a checkpoint of this version (missing or bad field {e})") from None
 
 
 def path_in(run_dir: Path) -> Path:
@@ -102,23 +107,56 @@ def save(run_dir: Path, state: dict[str, Any]) -> Path:
     return target
 
 
-def load(run_dir: Path, config_digest: str) -> dict[str, Any]:
+def load(run_dir: Path, config_digest: str | None, *, accept: tuple[str, ...] = (), config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The checkpoint's dict, refused (CheckpointError, one line) when unreadable or written under
+    another configuration: its digest must be config_digest or one of ``accept`` (digests older
+    versions computed; None: any). With ``config`` (this run's Config.to_dict()) the message names the keys that
+    differ, from the config the checkpoint stored (or the run directory's config.yaml)."""
     p = path_in(run_dir)
     try:
         with open(p, "rb") as fh:
             state = pickle.load(fh)
     except FileNotFoundError:
         raise CheckpointError(f"--resume: no checkpoint at {p}") from None
-    except (pickle.UnpicklingError, EOFError) as e:
-        raise CheckpointError(f"{p}: unreadable checkpoint ({e}); {p.parent / 'previous.pkl'} may hold the one before") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"{p}: is a folder, expected a checkpoint file") from None
+    except Exception as e:  # UnpicklingError, EOFError, but also what a damaged or foreign pickle raises
+        raise CheckpointError(
+            f"{p}: unreadable checkpoint ({type(e).__name__}: {str(e)[:120]}); {p.parent / 'previous.pkl'} may hold the one before"
+        ) from None
+    if not isinstance(state, dict) or "config_digest" not in state:
+        raise CheckpointError(
+            f"{p}: not an essa_hpc checkpoint (it holds a {type(state).__name__}); {p.parent / 'previous.pkl'} may hold the one before"
+        )
     if state.get("format") != FORMAT:
         raise CheckpointError(f"{p}: checkpoint format {state.get('format')}, this version reads {FORMAT}")
-    if state["config_digest"] != config_digest:
+    written = state["config_digest"]
+    if config_digest is not None and written != config_digest and written not in accept:
+        diff = _config_diff(Path(run_dir), state.get("config"), config) or f"digest {written}, now {config_digest}"
         raise CheckpointError(
-            f"{p}: written under another configuration (digest {state['config_digest']}, now {config_digest}); "
-            "resume with the run's config.yaml, or start a new run.name"
+            f"{p}: written under another configuration ({diff}); resume with the run's config.yaml, or start a new run.name"
         )
     return state
+
+
+def _config_diff(run_dir: Path, stored: Any, config: dict[str, Any] | None) -> str:
+    """'key: checkpoint value -> this run's value; ...' for the keys that change results, or ''."""
+    if config is None:
+        return ""
+    from essa_hpc.config import digest_diff
+
+    old = stored
+    if not isinstance(old, dict):
+        try:
+            import yaml
+
+            old = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
+        except Exception:  # no usable config.yaml: the digest alone must do
+            return ""
+        if not isinstance(old, dict):
+            return ""
+    diff = digest_diff(old, config)
+    return f"differs in {diff}" if diff else ""
 
 
 def exists(run_dir: Path) -> bool:

@@ -59,7 +59,10 @@ class RunSection:
     )
     target_metric: str | None = _f(None, "Validation metric that stops the run once it reaches target_value.")
     target_value: float | None = _f(None, "Threshold for target_metric.")
-    overwrite: bool = _f(False, "Replace an existing run directory that has no checkpoint to resume from.")
+    overwrite: bool = _f(
+        False,
+        "Replace an existing run directory that has no checkpoint past generation 0; a run with progress is never replaced (resume it, or pick another run.name).",
+    )
 
 
 @dataclass(frozen=True)
@@ -173,7 +176,14 @@ class TaskSection:
     plugins: list[str] = _f([], "Extra reward functions module:function, combined with plugin_weights.")
     plugin_weights: list[float] = _f([], "Weights for task.plugins (default 1.0 each).")
     reward_timeout_s: float = _f(60.0, "Per-batch timeout for a reward function.")
-    failure_reward: float = _f(0.0, "Reward given when a reward function fails, times out or returns NaN/None.")
+    failure_reward: float = _f(
+        0.0,
+        "Reward given when a reward function fails, times out, returns NaN/None/inf, or a reward beyond ±dist.reward_limit(task.batch_size) (2^20 up to 512 prompts).",
+    )
+    max_failed_generations: int = _f(
+        3,
+        "Stop with exit status 1 after this many consecutive generations in which every reward failed (0 = never stop).",
+    )
 
 
 @dataclass(frozen=True)
@@ -216,6 +226,46 @@ class GrpoSection:
     max_grad_norm: float = _f(1.0, "Gradient clipping norm.")
 
 
+# Keys that change no result: stop criteria (a run may be extended) and cosmetic keys (a moved run.dir,
+# progress printing, checkpoint period, cache folder). LEGACY_DIGEST_IGNORE is what older checkpoints used.
+LEGACY_DIGEST_IGNORE = ("run.generations", "run.time_budget_s", "run.train_budget_s", "run.overwrite")
+DIGEST_IGNORE = (
+    *LEGACY_DIGEST_IGNORE,
+    "run.name",
+    "run.dir",
+    "run.target_metric",
+    "run.target_value",
+    "log.progress",
+    "log.checkpoint_every",
+    "model.cache_dir",
+    "task.max_failed_generations",
+)
+
+
+def digest_view(d: dict[str, Any], ignore: tuple[str, ...] = DIGEST_IGNORE) -> dict[str, Any]:
+    """A config dict without the grpo section and the ignored keys: what the digest hashes."""
+    d = copy.deepcopy(d)
+    d.pop("grpo", None)
+    for key in ignore:
+        sec, name = key.split(".")
+        if isinstance(d.get(sec), dict):
+            d[sec].pop(name, None)
+    return d
+
+
+def digest_diff(old: dict[str, Any], new: dict[str, Any], limit: int = 4) -> str:
+    """The keys that differ between two config dicts (digest keys only), as 'key: old -> new; ...'."""
+    a, b = digest_view(old), digest_view(new)
+    out = []
+    for sec in sorted(set(a) | set(b)):
+        sa, sb = a.get(sec) or {}, b.get(sec) or {}
+        for name in sorted(set(sa) | set(sb)):
+            if sa.get(name, "<unset>") != sb.get(name, "<unset>"):
+                out.append(f"{sec}.{name}: {sa.get(name, '<unset>')!r} -> {sb.get(name, '<unset>')!r}")
+    more = f"; and {len(out) - limit} more" if len(out) > limit else ""
+    return "; ".join(out[:limit]) + more
+
+
 @dataclass(frozen=True)
 class Config:
     run: RunSection = field(default_factory=RunSection)
@@ -238,18 +288,18 @@ class Config:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
 
-    def digest(self, ignore: tuple[str, ...] = ("run.generations", "run.time_budget_s", "run.train_budget_s", "run.overwrite")) -> str:
+    def digest(self, ignore: tuple[str, ...] = DIGEST_IGNORE) -> str:
         """Hash of everything that changes results; checkpoints refuse to resume under another digest.
 
-        Stop criteria are left out so a user may extend a finished or preempted run; so is the grpo
-        section, which an ESSA run never reads.
+        Stop criteria are left out so a user may extend a finished or preempted run; so are the grpo
+        section, which an ESSA run never reads, and the cosmetic keys of DIGEST_IGNORE (where the run
+        directory lives, progress printing, checkpoint period), which change no result.
         """
-        d = self.to_dict()
-        d.pop("grpo", None)
-        for key in ignore:
-            sec, name = key.split(".")
-            d[sec].pop(name, None)
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+        return hashlib.sha256(json.dumps(digest_view(self.to_dict(), ignore), sort_keys=True).encode()).hexdigest()[:16]
+
+    def legacy_digest(self) -> str:
+        """The digest as checkpoints written before DIGEST_IGNORE grew computed it (they still resume)."""
+        return self.digest((*LEGACY_DIGEST_IGNORE, "task.max_failed_generations"))  # a key those versions lacked
 
     def replace(self, **overrides: Any) -> Config:
         """Dotted overrides in Python: cfg.replace(**{"search.popsize": 8})."""
@@ -322,6 +372,8 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             return value
         raise ConfigError(f"{key}: expected true or false, got {value!r}")
     if hint is int:
+        if isinstance(value, str) and _YAML11_FLOAT.fullmatch(value.strip()):
+            value = _finite(key, value)  # 1e3 is an integer written in scientific notation
         if isinstance(value, bool) or not isinstance(value, int):
             if isinstance(value, float) and value.is_integer():
                 return int(value)
@@ -329,10 +381,10 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         return value
     if hint is float:
         if isinstance(value, str) and _YAML11_FLOAT.fullmatch(value.strip()):
-            return float(value)  # YAML 1.1 reads 1e-5 (no dot) as a string; it is a number here
+            return _finite(key, value)  # YAML 1.1 reads 1e-5 (no dot) as a string; it is a number here
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
+        return _finite(key, value)
     if hint is str:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
@@ -340,6 +392,20 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return value
     return value
+
+
+def _finite(key: str, value: Any) -> float:
+    """A float field's value as a finite float: 1e400 overflows to inf, which no key means."""
+    try:
+        v = float(value.strip() if isinstance(value, str) else value)
+    except OverflowError:
+        v = math.inf
+    if math.isnan(v):
+        raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+    if math.isinf(v):
+        why = "" if isinstance(value, float) else " (beyond the range of a 64-bit float, ±1.8e308)"
+        raise ConfigError(f"{key}: expected a finite number, got {value!r}{why}")
+    return v
 
 
 def from_dict(data: dict[str, Any]) -> Config:
@@ -399,10 +465,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     data: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
+        if p.is_dir():
+            raise ConfigError(f"--config {p}: is a folder, expected a YAML file")
         if not p.is_file():
             raise ConfigError(f"--config {p}: no such file")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as e:
+            raise ConfigError(
+                f"--config {p}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); save it as UTF-8"
+            ) from None
+        except OSError as e:
+            raise ConfigError(f"--config {p}: cannot read ({e.strerror})") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"--config {p}: not valid YAML: {e}") from None
         if not isinstance(data, dict):
@@ -421,7 +495,11 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
         if not ok:
             raise ConfigError(f"{key}: {msg}")
 
-    need(bool(r.name) and "/" not in r.name, "run.name", f"expected a non-empty name without '/', got {r.name!r}")
+    need(
+        bool(r.name) and not any(c in r.name for c in "/\\\0") and r.name not in (".", ".."),
+        "run.name",
+        f"expected a folder name (not empty, '.' or '..', without '/', a backslash or NUL), got {r.name!r}",
+    )
     need(r.generations >= 1, "run.generations", f"expected >= 1, got {r.generations}")
     need(r.time_budget_s >= 0, "run.time_budget_s", f"expected >= 0 (0 = no limit), got {r.time_budget_s}")
     need(r.train_budget_s >= 0, "run.train_budget_s", f"expected >= 0 (0 = no limit), got {r.train_budget_s}")
@@ -504,6 +582,7 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
         f"expected a non-empty list from +, -, *, got {t.operations}",
     )
     need(t.reward_timeout_s > 0, "task.reward_timeout_s", f"expected > 0, got {t.reward_timeout_s}")
+    need(t.max_failed_generations >= 0, "task.max_failed_generations", f"expected >= 0 (0 = never stop), got {t.max_failed_generations}")
     need(
         t.name != "reward_model" or t.reward_model is not None,
         "task.reward_model",
@@ -517,7 +596,8 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     )
     need(t.reward_batch_size >= 1, "task.reward_batch_size", f"expected >= 1, got {t.reward_batch_size}")
     need(e.every >= 0, "eval.every", f"expected >= 0 (0 = only at the end), got {e.every}")
-    need(e.k >= 1 and e.size >= 1, "eval.k", f"expected k >= 1 and size >= 1, got k={e.k}, size={e.size}")
+    need(e.k >= 1, "eval.k", f"expected >= 1 samples per prompt, got {e.k}")
+    need(e.size >= 1, "eval.size", f"expected >= 1 validation prompts, got {e.size}")
     need(e.k == 1 or e.temperature > 0, "eval.temperature", "eval.k > 1 samples the same prompt k times; set eval.temperature > 0")
     need(lg.checkpoint_every >= 1, "log.checkpoint_every", f"expected >= 1, got {lg.checkpoint_every}")
     _validate_grpo(cfg.grpo, need)

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from essa_hpc import exit_codes
 from essa_hpc.phases import PHASES
 
 FIXED_POINT = 2.0**32
@@ -52,7 +53,8 @@ RECORD = np.dtype(
     ]
 )
 STOP_BUDGET = 1  # the record's stop bits: this rank's clock says run.time_budget_s is spent
-STOP_SIGNAL = 2  # a stop signal (SIGUSR2/SIGTERM) reached this rank
+STOP_SIGNAL = 2  # a stop signal (SIGUSR2/SIGTERM/SIGINT) reached this rank
+STOP_INTERRUPT = 4  # ... and it was SIGINT (Ctrl-C): the exit status is exit_codes.INTERRUPTED, not REQUEUE
 
 
 class DistError(RuntimeError):
@@ -95,6 +97,17 @@ def shard(n: int, world: int, rank: int) -> tuple[int, int]:
     """Contiguous [lo, hi) share of n items for a rank (validation sharding)."""
     bounds = np.linspace(0, n, world + 1).round().astype(int)
     return int(bounds[rank]), int(bounds[rank + 1])
+
+
+def reward_limit(batch_size: int) -> float:
+    """The largest reward magnitude a run scores (larger ones count as failures, evaluation.score).
+
+    A candidate's rewards are summed exactly in 32.32 fixed point in an int64 (to_fixed): n rewards of
+    magnitude < 2^30 / n cannot overflow it. The limit depends only on task.batch_size, not on how a
+    minibatch is split over ranks, so which rewards count as failures never depends on the rank count:
+    2^20 for batches up to 512 prompts, 2^29 / batch beyond.
+    """
+    return min(2.0**20, 2.0**29 / max(1, int(batch_size)))
 
 
 def to_fixed(values: np.ndarray) -> int:
@@ -236,6 +249,12 @@ def abort_on_error(comm: Comm) -> Iterator[None]:
     try:
         yield
     except SystemExit:
+        raise
+    except KeyboardInterrupt:  # Ctrl-C outside the run loop's handler: one line, the interrupted status
+        if comm.is_mpi and comm.size > 1:
+            sys.stderr.write(f"essa-run: rank {comm.rank}/{comm.size} interrupted (SIGINT) outside the run loop\n")
+            sys.stderr.flush()
+            comm.abort(exit_codes.INTERRUPTED)
         raise
     except BaseException as e:
         if comm.is_mpi and comm.size > 1:

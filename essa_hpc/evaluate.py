@@ -45,20 +45,33 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+FLAGS = {  # config key -> the option that sets it
+    "task.name": "task",
+    "lora.adapter": "adapter",
+    "eval.split": "split",
+    "eval.size": "size",
+    "eval.k": "k",
+    "eval.temperature": "temperature",
+    "backend.max_new_tokens": "max_new_tokens",
+}
+
+
 def overrides(args: argparse.Namespace) -> list[str]:
     out = list(args.set)
-    for key, value in (
-        ("task.name", args.task),
-        ("lora.adapter", args.adapter),
-        ("eval.split", args.split),
-        ("eval.size", args.size),
-        ("eval.k", args.k),
-        ("eval.temperature", args.temperature),
-        ("backend.max_new_tokens", args.max_new_tokens),
-    ):
+    for key, attr in FLAGS.items():
+        value = getattr(args, attr)
         if value is not None:
             out.append(f"{key}={json.dumps(value) if isinstance(value, str) else value}")
     return out
+
+
+def name_the_option(message: str, args: argparse.Namespace) -> str:
+    """A config error about a key that an option set names the option: '--size 0 (eval.size): ...'."""
+    for key, attr in FLAGS.items():
+        value = getattr(args, attr)
+        if value is not None and message.startswith(f"{key}:"):
+            return f"--{attr.replace('_', '-')} {value} ({key}):{message[len(key) + 1 :]}"
+    return message
 
 
 def evaluate(cfg: Any, comm: Any = None, samples_path: str | None = None, examples: Sequence[Any] | None = None) -> dict[str, float]:
@@ -91,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, overrides(args))
     except ConfigError as e:
-        print(f"essa-evaluate: {e}", file=sys.stderr)
+        print(f"essa-evaluate: {name_the_option(str(e), args)}", file=sys.stderr)
         return BAD_INPUT
     comm = dist.init()
     try:

@@ -15,6 +15,7 @@ space around the warm start: SFT, a given adapter or a random init) and ``adapte
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ import numpy as np
 from essa_hpc import dist, metrics
 from essa_hpc.backends.base import Backend, Request
 from essa_hpc.config import Config
-from essa_hpc.tasks.base import Example, Task
+from essa_hpc.tasks.base import Example, Task, TaskError
 
 
 @dataclass
@@ -109,6 +110,9 @@ def build_evaluator(cfg: Config, comm: dist.Comm) -> Evaluator:
 
     task = make_task(cfg)
     summarize, metric_names = _summarizer(cfg, task)
+    target = cfg.run.target_metric
+    if target is not None and target not in metric_names:
+        raise TaskError(f"run.target_metric: {target!r} is not a validation metric of task {cfg.task.name}; expected one of {metric_names}")
     if cfg.backend.name == "fake":
         from essa_hpc.backends.fake import FakeBackend
 
@@ -201,10 +205,11 @@ class Scores:
     rewards: np.ndarray  # float64 [items]
     tokens: np.ndarray  # int64 [items]: generated tokens per completion
     texts: list[str]  # the completions
-    failures: int  # reward-function failures
+    failures: int  # reward-function failures (out-of-range rewards included)
     timeouts: int
     generate_s: float  # seconds in the backend
     reward_s: float  # seconds in the task's reward
+    errors: list[str] = field(default_factory=list)  # a few distinct failure messages (Rewards.errors)
 
 
 def score(
@@ -213,22 +218,39 @@ def score(
     items: list[tuple[int, Example, int]],
     max_new_tokens: int | None = None,
     temperature: float | None = None,
+    limit: float = math.inf,
+    failure_reward: float = 0.0,
 ) -> Scores:
-    """Generate and reward (candidate row of `vectors`, example, sampling seed) items."""
+    """Generate and reward (candidate row of `vectors`, example, sampling seed) items.
+
+    A reward that is not finite or beyond ±``limit`` (dist.reward_limit: what the exact fixed-point
+    sums hold) is a failure like a raising reward function: scored ``failure_reward``, counted and
+    named in ``errors``, so a plugin returning 1e9 or a huge σ0 on the fake backend never stops a run
+    (docs/design.md, "Faults and hostile inputs").
+    """
     t0 = time.perf_counter()
     requests = [Request(row, ev.render(ex), seed) for row, ex, seed in items]
     outs = ev.backend.generate(vectors, requests, max_new_tokens=max_new_tokens, temperature=temperature) if requests else []
     t1 = time.perf_counter()
     r = ev.task.reward([ex for _, ex, _ in items], [o.text for o in outs]) if items else None
     t2 = time.perf_counter()
+    rewards = np.array(r.values if r is not None else [], dtype=np.float64)
+    failures, errors = (r.failures, list(r.errors)) if r is not None else (0, [])
+    bad = ~np.isfinite(rewards) | (np.abs(rewards) > limit)
+    if bad.any():
+        first = float(rewards[np.flatnonzero(bad)[0]])
+        errors.append(f"{ev.task.name}: reward {first:.3g} is beyond ±{limit:.3g} (dist.reward_limit); scored task.failure_reward")
+        rewards[bad] = failure_reward
+        failures += int(bad.sum())
     return Scores(
-        rewards=np.asarray(r.values if r is not None else [], dtype=np.float64),
+        rewards=rewards,
         tokens=np.asarray([o.tokens for o in outs], dtype=np.int64),
         texts=[o.text for o in outs],
-        failures=r.failures if r is not None else 0,
+        failures=failures,
         timeouts=r.timeouts if r is not None else 0,
         generate_s=t1 - t0,
         reward_s=t2 - t1,
+        errors=errors,
     )
 
 
@@ -249,7 +271,14 @@ def validation_scores(ev: Evaluator, cfg: Config, comm: dist.Comm, vector: np.nd
     lo, hi = dist.shard(len(exs), comm.size, comm.rank)
     pairs = [(i, s) for i in range(lo, hi) for s in range(k)]
     items = [(0, exs[i], dist.validation_seed(cfg.run.seed, i, s)) for i, s in pairs]
-    scores = score(ev, vector[None, :], items, temperature=cfg.eval.temperature)
+    scores = score(
+        ev,
+        vector[None, :],
+        items,
+        temperature=cfg.eval.temperature,
+        limit=dist.reward_limit(cfg.task.batch_size),
+        failure_reward=cfg.task.failure_reward,
+    )
     rewards = scores.rewards.tolist()
     mine = [rewards[j * k : (j + 1) * k] for j in range(hi - lo)]
     samples = (

@@ -10,3 +10,4 @@ OK = 0
 FAILURE = 1  # a failure on any rank: the whole job stops
 BAD_INPUT = 2  # fix your input: one line on stderr, nothing started or written
 REQUEUE = 75  # EX_TEMPFAIL: preempted after a checkpoint; requeue and the next start resumes
+INTERRUPTED = 130  # 128 + SIGINT: stopped by Ctrl-C after a checkpoint; rerun to resume (batch scripts do not requeue)

@@ -64,6 +64,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C before the run's own handler is in place (imports, config)
+        print("essa-run: interrupted (SIGINT) outside the run loop", file=sys.stderr)
+        return exit_codes.INTERRUPTED
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = parse_args(argv)
     if args.help_config:
         print(describe())
@@ -96,12 +104,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def bad_input_errors() -> tuple[type[BaseException], ...]:
-    """Errors that mean "fix your input": exit status BAD_INPUT and one line, no traceback."""
-    from essa_hpc.models import ModelError
-    from essa_hpc.svd_lora import AdapterError
+    """Errors that mean "fix your input": exit status BAD_INPUT and one line, no traceback.
+
+    The model and adapter errors are looked up only where their modules are loaded (an error of a
+    module never imported cannot have been raised): a fake-backend run that refuses its input does not
+    import torch just to say so.
+    """
+    from essa_hpc.runlog import LogFileError
     from essa_hpc.tasks.base import TaskError
 
-    return (RunError, checkpoint.CheckpointError, ConfigError, TaskError, ModelError, AdapterError)
+    errors: list[type[BaseException]] = [RunError, checkpoint.CheckpointError, ConfigError, TaskError, LogFileError]
+    for module, name in (("essa_hpc.models", "ModelError"), ("essa_hpc.svd_lora", "AdapterError")):
+        if module in sys.modules:
+            errors.append(getattr(sys.modules[module], name))
+    return tuple(errors)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -110,15 +126,26 @@ def bad_input_errors() -> tuple[type[BaseException], ...]:
 
 def run(cfg: Config, comm: dist.Comm, resume: bool = False) -> int:
     """One ESSA run. Every rank runs this same function in lockstep, one Allgather per generation, and
-    returns the same exit status: OK, or REQUEUE after a stop signal (checkpointed, resume later)."""
+    returns the same exit status: OK; REQUEUE after SIGUSR2/SIGTERM or INTERRUPTED after SIGINT
+    (checkpointed, resume later); FAILURE when every reward failed for task.max_failed_generations
+    generations in a row (checkpointed: fix the reward and resume)."""
     started = time.perf_counter()
+    stop_flag = StopFlag()  # before the setup, so a stop signal during it is honoured (or, repeated, ends it at once)
+    try:
+        return _run(cfg, comm, resume, started, stop_flag)
+    finally:
+        stop_flag.restore()
+
+
+def _run(cfg: Config, comm: dist.Comm, resume: bool, started: float, stop_flag: StopFlag) -> int:
     from essa_hpc import search
     from essa_hpc.tasks import minibatch
 
     threads = set_threads(cfg, comm)
     resuming = prepare_run_dir(cfg, comm, resume)
-    stop_flag = StopFlag()
     ev = build_evaluator(cfg, comm)
+    if cfg.backend.name == "fake" and cfg.lora.adapter:
+        say(comm, f"essa-run: warning: lora.adapter={cfg.lora.adapter} is ignored: backend.name=fake loads no model or adapter")
     popsize, batch_size, dim = cfg.search.popsize, cfg.task.batch_size, ev.dim
     if len(ev.train) < batch_size:
         raise RunError(f"task.batch_size={batch_size} but the training split has only {len(ev.train)} examples")
@@ -128,7 +155,11 @@ def run(cfg: Config, comm: dist.Comm, resume: bool = False) -> int:
         raise RunError(str(e)) from None
     table = dist.assign(popsize, batch_size, comm.size)  # who scores what: the same table on every rank
     my_work, slots = table[comm.rank], max(1, max(len(w) for w in table))
-    state = checkpoint.load_state(cfg.run_dir, cfg.digest()) if resuming else checkpoint.State()
+    state = (
+        checkpoint.load_state(cfg.run_dir, cfg.digest(), accept=(cfg.legacy_digest(),), config=cfg.to_dict())
+        if resuming
+        else checkpoint.State()
+    )
     if resuming:
         opt.load_state_dict(state.optimizer)
     first_gen, elapsed_before, primary = state.gen, state.elapsed, ev.metric_names[0]
@@ -157,8 +188,13 @@ def run(cfg: Config, comm: dist.Comm, resume: bool = False) -> int:
     if not resuming:
         m0 = validation(0, np.zeros(dim))
         say(comm, "  validation at start (x = 0, the warm start): " + ", ".join(f"{k}={v:.4f}" for k, v in m0.items()))
+        if comm.rank == 0:  # from here on the run directory is resumable: a crash in generation 1 blocks no rerun
+            checkpoint.save_state(
+                cfg.run_dir, dataclasses.replace(state, optimizer=opt.state_dict(), elapsed=clock()), cfg.digest(), cfg.to_dict()
+            )
 
     timer, reason, done = phases.Phases(), None, first_gen
+    failed = FailureTally(popsize * batch_size)
     loop_started = clock()
     for gen in range(first_gen, cfg.run.generations):
         timer.begin()
@@ -175,7 +211,7 @@ def run(cfg: Config, comm: dist.Comm, resume: bool = False) -> int:
             # (search.common_random_numbers: every candidate samples a prompt with the same seed)
             noise = [dist.common_seed(cfg.run.seed, gen)] * popsize if cfg.search.common_random_numbers else [int(s) for s in seeds]
             items = [(row[w.cand], batch[p], dist.sample_seed(noise[w.cand], p)) for w in my_work for p in range(w.lo, w.hi)]
-        scores = score(ev, population[my_candidates], items)
+        scores = score(ev, population[my_candidates], items, limit=dist.reward_limit(batch_size), failure_reward=cfg.task.failure_reward)
         timer.add("generate", scores.generate_s)
         timer.add("reward", scores.reward_s)
 
@@ -207,26 +243,33 @@ def run(cfg: Config, comm: dist.Comm, resume: bool = False) -> int:
                 prev_late_timings=previous_late if gen > first_gen else None,
             )
         done = gen + 1
+        # every rank learns the same failure counts (gathered) and so decides alike whether to ask for messages
+        failed.add(got.failures + got.timeouts, comm.allgather(scores.errors) if got.failures + got.timeouts else [])
+        all_failed = failed.stop_due(cfg.task.max_failed_generations)
         metrics = None
-        if validation_due(cfg, done, stop_reason(cfg, done, got.stop)):
+        if not all_failed and validation_due(cfg, done, stop_reason(cfg, done, got.stop)):
             with timer.time("eval"):
                 metrics = validation(done, opt.mean.copy())
             validating["seconds"] += timer.seconds("eval")
-        reason = stop_reason(cfg, done, got.stop, metrics)
+        reason = "failed" if all_failed else stop_reason(cfg, done, got.stop, metrics)
         with timer.time("checkpoint"):
             if comm.rank == 0 and (done % cfg.log.checkpoint_every == 0 or reason is not None):
                 saved = dataclasses.replace(state, gen=done, optimizer=opt.state_dict(), elapsed=clock(), trained=trained())
-                checkpoint.save_state(cfg.run_dir, saved, cfg.digest())
+                checkpoint.save_state(cfg.run_dir, saved, cfg.digest(), cfg.to_dict())
         if cfg.log.progress:
-            say(comm, progress_line(cfg, comm, done, got, opt.sigma, timer, primary, metrics))
+            say(comm, progress_line(cfg, comm, done, got, opt.sigma, timer, primary, metrics) + failed.progress(got))
 
         # 7. stop together: the stop bits are every rank's and the metrics the same on all, so all agree
         if reason is not None:
             break
 
     # the end: the last generation's late phases, the final vectors, the adapters
-    exit_code = exit_codes.REQUEUE if reason == "signal" else exit_codes.OK
+    exit_code = {"signal": exit_codes.REQUEUE, "interrupt": exit_codes.INTERRUPTED, "failed": exit_codes.FAILURE}.get(
+        reason or "", exit_codes.OK
+    )
     say_stop(cfg, comm, reason, done, exit_code)
+    for line in failed.summary(done - first_gen):
+        say(comm, line)
     log.finish(np.stack(comm.allgather(timer.late())), opt.mean, state.best.vector)
     if comm.rank == 0 and exit_code == exit_codes.OK and ev.export is not None:
         ev.export(opt.mean, cfg.run_dir / "adapter")
@@ -250,22 +293,98 @@ def say(comm: dist.Comm, msg: str) -> None:
 
 
 class StopFlag:
-    """SIGUSR2/SIGTERM only set this flag; it travels in the next Allgather so all ranks stop together."""
+    """SIGUSR2/SIGTERM/SIGINT only set this flag; it travels in the next Allgather so all ranks stop together.
+
+    SIGINT (Ctrl-C) is an interruption like SIGTERM, with its own exit status (exit_codes.INTERRUPTED),
+    so a batch script does not requeue a run a user stopped. A second stop signal before the run
+    reaches a generation boundary (a long setup, a stuck reward) ends the process at once with the
+    same status, without a new checkpoint: a stop signal always stops the process.
+    """
+
+    SIGNALS = (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
 
     def __init__(self) -> None:
         self.requested = False
-        for sig in (signal.SIGUSR2, signal.SIGTERM):
-            signal.signal(sig, self._handler)
+        self.interrupted = False
+        self._previous: dict[int, Any] = {}
+        for sig in self.SIGNALS:
+            try:
+                self._previous[sig] = signal.signal(sig, self._handler)
+            except ValueError:  # not the main thread (a library caller): signals stay as they are
+                break
 
     def _handler(self, signum: int, frame: Any) -> None:
+        interrupt = signum == signal.SIGINT
+        if self.requested:
+            code = exit_codes.INTERRUPTED if (interrupt or self.interrupted) else exit_codes.REQUEUE
+            sys.stderr.write(
+                f"essa-run: second stop signal ({signal.Signals(signum).name}); exiting now without a new checkpoint (exit {code})\n"
+            )
+            sys.stderr.flush()
+            os._exit(code)
         self.requested = True
+        self.interrupted = interrupt
+        if interrupt:
+            sys.stderr.write("essa-run: Ctrl-C: checkpointing at the end of this generation (Ctrl-C again to exit now)\n")
+            sys.stderr.flush()
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
 
     def bits(self, cfg: Config, elapsed: float, trained: float = 0.0) -> int:
         """This rank's stop request for its report: a signal arrived, and/or its clock spent a budget
         (run.time_budget_s of wall time, run.train_budget_s of training time)."""
         r = cfg.run
         over_budget = (r.time_budget_s > 0 and elapsed >= r.time_budget_s) or (r.train_budget_s > 0 and trained >= r.train_budget_s)
-        return (dist.STOP_BUDGET if over_budget else 0) | (dist.STOP_SIGNAL if self.requested else 0)
+        signalled = (dist.STOP_SIGNAL if self.requested else 0) | (dist.STOP_INTERRUPT if self.interrupted else 0)
+        return (dist.STOP_BUDGET if over_budget else 0) | signalled
+
+
+class FailureTally:
+    """Reward failures across the run: the progress line's count, the first distinct messages, and
+    task.max_failed_generations consecutive all-failed generations as a stop (docs/design.md,
+    "Faults and hostile inputs"). Every rank holds the same tally (the counts and the messages are
+    gathered), so all ranks decide alike."""
+
+    def __init__(self, per_generation: int) -> None:
+        self.per_generation = per_generation
+        self.total = 0
+        self.generations = 0  # generations with at least one failure
+        self.streak = 0  # consecutive generations in which every reward failed
+        self.errors: list[str] = []
+
+    def add(self, failures: int, errors_by_rank: list[list[str]]) -> None:
+        self.total += failures
+        self.generations += failures > 0
+        self.streak = self.streak + 1 if failures >= self.per_generation else 0
+        for errs in errors_by_rank:
+            for e in errs:
+                if e not in self.errors and len(self.errors) < MAX_REPORTED_ERRORS:
+                    self.errors.append(e)
+
+    def stop_due(self, limit: int) -> bool:
+        return limit > 0 and self.streak >= limit
+
+    def progress(self, got: dist.Gathered) -> str:
+        n = got.failures + got.timeouts
+        if not n:
+            return ""
+        first = f": {self.errors[0]}" if self.errors else ""
+        return f" | reward failures {n}/{self.per_generation}" + (f" ({got.timeouts} timeouts)" if got.timeouts else "") + first[:160]
+
+    def summary(self, generations: int) -> list[str]:
+        if not self.total:
+            return []
+        lines = [
+            f"essa-run: reward failures: {self.total} of {self.per_generation * max(1, generations)} completions "
+            f"in {self.generations} of {generations} generation(s) were scored task.failure_reward; the first distinct errors:"
+        ]
+        return lines + [f"  {e}" for e in self.errors]
+
+
+MAX_REPORTED_ERRORS = 5
 
 
 def stop_reason(cfg: Config, done: int, stop_bits: int, metrics: dict[str, float] | None = None) -> str | None:
@@ -275,12 +394,15 @@ def stop_reason(cfg: Config, done: int, stop_bits: int, metrics: dict[str, float
     gathered in the Allgather; validation metrics are the same on every rank), so all stop together.
     In order of precedence:
 
+    - "interrupt": SIGINT (Ctrl-C) reached a rank: checkpoint, exit INTERRUPTED, resume later.
     - "signal": SIGUSR2/SIGTERM reached a rank; an interruption: checkpoint, exit REQUEUE, resume later.
     - "budget": run.time_budget_s or run.train_budget_s is spent on some rank's clock; the run ends (validated, exported).
     - "target": this generation's validation reached run.target_value in run.target_metric.
     - "last": run.generations are done.
     """
     r = cfg.run
+    if stop_bits & dist.STOP_INTERRUPT:
+        return "interrupt"
     if stop_bits & dist.STOP_SIGNAL:
         return "signal"
     if stop_bits & dist.STOP_BUDGET:
@@ -305,6 +427,14 @@ def validation_due(cfg: Config, done: int, reason: str | None) -> bool:
 def say_stop(cfg: Config, comm: dist.Comm, reason: str | None, done: int, exit_code: int) -> None:
     if reason == "signal":
         say(comm, f"essa-run: stop signal received; checkpointed at generation {done}; exit {exit_code} (requeue)")
+    elif reason == "interrupt":
+        say(comm, f"essa-run: interrupted (SIGINT); checkpointed at generation {done}; exit {exit_code}; rerun the same command to resume")
+    elif reason == "failed":
+        say(
+            comm,
+            f"essa-run: every reward failed in {cfg.task.max_failed_generations} generation(s) in a row (task.max_failed_generations); "
+            f"stopped at generation {done}, checkpointed; exit {exit_code}: fix the reward function and rerun to resume",
+        )
     elif reason == "budget":
         budgets = [
             f"{name} of {s} s" for name, s in (("time budget", cfg.run.time_budget_s), ("training budget", cfg.run.train_budget_s)) if s > 0
@@ -359,7 +489,11 @@ def set_threads(cfg: Config, comm: dist.Comm) -> int:
 def prepare_run_dir(cfg: Config, comm: dist.Comm, resume: bool) -> bool:
     """Decide before any expensive work: resume, start fresh, or refuse. Returns True to resume.
 
-    Never overwrites silently: an existing run with a log but no checkpoint needs run.overwrite=true.
+    Never loses work silently (docs/design.md, "Faults and hostile inputs"): an existing run with a log
+    but no checkpoint needs run.overwrite=true; a run with a checkpoint past generation 0 is resumed,
+    never replaced (run.overwrite=true refuses it); a resume first checks that its checkpoint and its
+    log are usable by this job (intact, same rank count, holding the checkpoint's generations), so a
+    refused resume has rewritten nothing.
     """
     run_dir = cfg.run_dir
     decision: tuple[str, str] = ("fresh", "")
@@ -368,8 +502,20 @@ def prepare_run_dir(cfg: Config, comm: dist.Comm, resume: bool) -> bool:
             has_ckpt = checkpoint.exists(run_dir)
             if resume and not has_ckpt:
                 decision = ("error", f"--resume: {run_dir} has no checkpoint to resume from")
-            elif has_ckpt and not cfg.run.overwrite:
-                checkpoint.load(run_dir, cfg.digest())  # raises on a config mismatch
+            elif has_ckpt and cfg.run.overwrite and not resume:
+                gen = int(checkpoint.load(run_dir, None).get("gen", 0))  # any configuration: only its progress matters here
+                if gen > 0:
+                    decision = (
+                        "error",
+                        f"run.overwrite=true: {run_dir} holds a resumable run (checkpoint at generation {gen}), which "
+                        "run.overwrite never replaces; drop run.overwrite to resume it, pick another run.name, or delete the folder",
+                    )
+                # else: nothing searched yet (the generation-0 checkpoint); starting over loses nothing
+            elif has_ckpt:
+                state = checkpoint.load(run_dir, cfg.digest(), accept=(cfg.legacy_digest(),), config=cfg.to_dict())
+                from essa_hpc.runlog import check_resumable
+
+                check_resumable(run_dir / "log.h5", world_size=comm.size, popsize=cfg.search.popsize, gen=int(state.get("gen", 0)))
                 decision = ("resume", "")
             elif (run_dir / "log.h5").exists() and not cfg.run.overwrite:
                 decision = (
@@ -380,7 +526,7 @@ def prepare_run_dir(cfg: Config, comm: dist.Comm, resume: bool) -> bool:
                 problem = unwritable(run_dir)
                 if problem:
                     decision = ("error", f"run.dir: cannot write the run directory {run_dir}: {problem}")
-        except checkpoint.CheckpointError as e:
+        except bad_input_errors() as e:
             decision = ("error", str(e))
     decision = comm.bcast(decision)
     if decision[0] == "error":

@@ -94,21 +94,33 @@ class RunLog:
         consistency flags set, and the old log stays intact until the new one is complete.
         """
         tmp = self.path.with_suffix(".h5.resume")
+        try:
+            self._copy_into(tmp, gen, config_json, hostnames)
+        except BaseException:
+            partial = getattr(self, "f", None)
+            if partial is not None:
+                with contextlib.suppress(Exception):
+                    partial.close()
+            tmp.unlink(missing_ok=True)  # the old log stays as it was; no half-written copy is left
+            raise
+        tmp.replace(self.path)
+
+    def _copy_into(self, tmp: Path, gen: int, config_json: str, hostnames: list[str]) -> None:
         with open_live(self.path) as old:
             a = old.attrs
             if int(a["popsize"]) != self.popsize or int(a["solution_length"]) != self.dim:
-                raise ValueError(
+                raise LogFileError(
                     f"{self.path}: log was written with popsize {a['popsize']}, d {a['solution_length']}; "
                     f"this run has popsize {self.popsize}, d {self.dim}"
                 )
             if int(a["world_size"]) != self.world:
-                raise ValueError(
+                raise LogFileError(
                     f"{self.path}: log was written by {a['world_size']} ranks; resume with the same number "
                     f"of ranks (this job has {self.world})"
                 )
             missing = [m for m in self.metrics if f"eval/{m}" not in old]
             if missing:
-                raise ValueError(f"{self.path}: log has no datasets for metrics {missing}")
+                raise LogFileError(f"{self.path}: log has no datasets for metrics {missing}")
             self.f = h5py.File(tmp, "w", libver="latest")
             self._create(config_json, hostnames)
             for key in ("started_at", "hostnames"):
@@ -124,7 +136,6 @@ class RunLog:
                 self.f["eval"][name].resize(keep, axis=0)
                 self.f["eval"][name][...] = rows
         self.f.flush()
-        tmp.replace(self.path)
 
     def _create(self, config_json: str, hostnames: list[str]) -> None:
         f, popsize, dim, world = self.f, self.popsize, self.dim, self.world
@@ -277,9 +288,132 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+class LogFileError(ValueError):
+    """A log.h5 that cannot be used (not HDF5, truncated, not an ESSA log, another run's shape); one line."""
+
+
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def hdf5_problem(path: str | Path) -> str | None:
+    """Why ``path`` is no intact HDF5 file, read from its superblock alone, or None.
+
+    HDF5 records the end-of-file address in the superblock; a file shorter than that was cut off (a
+    full disk, a node lost mid-write). Opening such a file makes the HDF5 library retry its metadata
+    reads for minutes inside C code, where no Python signal handler runs, so the tools check first
+    (docs/design.md, "Faults and hostile inputs"). Superblock layouts: HDF5 file format specification,
+    section II.A (versions 0-1: EOF address after the flags and two addresses; versions 2-3: after the
+    flags byte, base, and extension addresses).
+    """
+    p = Path(path)
+    try:
+        size = p.stat().st_size
+        with p.open("rb") as fh:
+            where = -1
+            for off in (0, 512, 1024, 2048):  # the superblock follows an optional user block of 512·2^k bytes
+                fh.seek(off)
+                if fh.read(8) == HDF5_SIGNATURE:
+                    where = off
+                    break
+            if where < 0:
+                return f"cannot open as HDF5: not an HDF5 file ({size} bytes, no HDF5 signature)"
+            fh.seek(where)
+            sb = fh.read(96)
+    except IsADirectoryError:
+        return "is a folder, expected an HDF5 file"
+    except OSError as e:
+        return f"cannot read ({e.strerror})"
+    version = sb[8] if len(sb) > 8 else -1
+    if version in (0, 1):
+        o = sb[13] if len(sb) > 13 else 0
+        at = 24 + (4 if version == 1 else 0) + 2 * o  # after base and free-space addresses
+    elif version in (2, 3):
+        o = sb[9] if len(sb) > 9 else 0
+        at = 12 + 2 * o  # after base and superblock-extension addresses
+    else:
+        return f"unknown HDF5 superblock version {version}"
+    if o not in (2, 4, 8) or len(sb) < at + o:
+        return f"truncated or damaged HDF5 superblock ({size} bytes)"
+    base_at = 24 + (4 if version == 1 else 0) if version in (0, 1) else 12
+    base = int.from_bytes(sb[base_at : base_at + o], "little")
+    eof = int.from_bytes(sb[at : at + o], "little")
+    if where + base + eof > size:
+        return (
+            f"truncated: {size} bytes on disk, the HDF5 superblock records {where + base + eof} "
+            "(cut off by a full disk or a crash mid-write)"
+        )
+    return None
+
+
+def check_file(path: str | Path, live_retries: int = 3) -> None:
+    """Raise LogFileError when ``path`` is no intact HDF5 file. A live SWMR writer may be extending the
+    file this very moment, so a short file is looked at again a few times before it counts as cut off."""
+    problem = hdf5_problem(path)
+    for _ in range(live_retries if problem and problem.startswith("truncated") else 0):
+        time.sleep(0.5)
+        problem = hdf5_problem(path)
+        if problem is None:
+            break
+    if problem:
+        raise LogFileError(f"{path}: {problem}")
+
+
+def swmr_writer_flag(path: str | Path) -> bool:
+    """True when the superblock says a writer has the file open (a live run, or one killed with SIGKILL):
+    a plain ``h5py.File(path, "r")`` then fails with "file is already open for write"; SWMR reading works."""
+    try:
+        with Path(path).open("rb") as fh:
+            sb = fh.read(12)
+    except OSError:
+        return False
+    return sb[:8] == HDF5_SIGNATURE and sb[8] in (2, 3) and sb[11] != 0
+
+
 def open_live(path: str | Path) -> h5py.File:
-    """Open a log for reading, also while the run writes it (SWMR); call ds.refresh() to follow."""
-    return h5py.File(path, "r", libver="latest", swmr=True)
+    """Open a log for reading, also while the run writes it (SWMR) or after its writer was killed (the
+    file's "open for write" flag still set); call ds.refresh() to follow. Checks the file first (check_file).
+    """
+    check_file(path)
+    try:
+        return h5py.File(path, "r", libver="latest", swmr=True)
+    except OSError as swmr_error:
+        try:  # a log written without SWMR (an older one, or another tool's)
+            return h5py.File(path, "r", locking=False)
+        except OSError:
+            raise LogFileError(f"{path}: cannot open as HDF5 ({swmr_error})") from None
+
+
+def check_resumable(path: Path, *, world_size: int, popsize: int, gen: int) -> None:
+    """Before anything is rewritten: the log a resume continues must be intact, an ESSA log of this
+    run's shape and rank count, and hold the checkpoint's generations (else its rows would not line up
+    with generation numbers). Raises LogFileError naming what is wrong and what to do."""
+    if not path.exists():
+        if gen > 0:
+            raise LogFileError(
+                f"{path} is missing but the checkpoint is at generation {gen}: resuming would restart the log at "
+                "row 0 without generations 0.."
+                f"{gen - 1}; restore log.h5, or start over (delete the checkpoints folder, or pick a new run.name)"
+            )
+        return
+    with open_live(path) as f:
+        if "gen/sigma" not in f or "popsize" not in f.attrs:
+            raise LogFileError(f"{path}: not an essa_hpc run log (no /gen/sigma); restore the run's log.h5 or pick a new run.name")
+        logged_world, logged_pop = int(f.attrs.get("world_size", -1)), int(f.attrs["popsize"])
+        if f.swmr_mode:
+            f["gen/sigma"].refresh()
+        rows = int(f["gen/sigma"].shape[0])
+    if logged_world != world_size:
+        raise LogFileError(
+            f"{path}: written by {logged_world} rank(s), this job has {world_size}; resume with {logged_world} rank(s) "
+            "(results do not depend on the rank count, but the log's per-rank timings and tokens do)"
+        )
+    if logged_pop != popsize:
+        raise LogFileError(f"{path}: written with search.popsize={logged_pop}, this run has {popsize}")
+    if rows < gen:
+        raise LogFileError(
+            f"{path}: holds {rows} generation(s) but the checkpoint is at generation {gen}; restore the full log.h5, "
+            "or start over (delete the checkpoints folder, or pick a new run.name)"
+        )
 
 
 def monotonic() -> float:
