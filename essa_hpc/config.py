@@ -103,7 +103,13 @@ class SftSection:
     learning_rate: float = _f(2e-3, "AdamW learning rate.")
     batch_size: int = _f(16, "Examples per optimizer step.")
     max_length: int = _f(256, "Token cap on prompt + response.")
-    examples: int = _f(400, "Number of training examples taken from the task's train split.")
+    examples: int = _f(
+        400, "Number of SFT examples used: the first ones of sft.path, else of the task's SFT split (task.sft_size), else of its train split."
+    )
+    path: str | None = _f(
+        None,
+        "SFT data file (JSONL/JSON/CSV/parquet/save_to_disk) with fields prompt and response, for tasks whose data has no reference responses (IFEval); default: the task's own SFT examples.",
+    )
 
 
 @dataclass(frozen=True)
@@ -156,6 +162,11 @@ class TaskSection:
     system_prompt: str | None = _f(None, "System prompt; default: the task's (paper's) prompt.")
     prompt_field: str | None = _f(None, "Column holding the prompt (default per task).")
     answer_field: str | None = _f(None, "Column holding the reference answer (default per task).")
+    sft_size: int = _f(
+        0,
+        "gsm8k/math/reward_model/plugin: training records reserved for the SFT warm start (a fixed pseudo-random draw, the same for every run seed); ESSA never trains on them (paper, GSM8K: 1495 of 7473). 0 = SFT and ESSA share the training split.",
+    )
+    train_size: int = _f(0, "Cap on ESSA's training split after the SFT reservation (0 = all the rest; paper, GSM8K: 5978).")
     digits: int = _f(2, "arithmetic: digits per operand.")
     operations: list[str] = _f(["+", "-"], "arithmetic: operations drawn from +, -, *.")
     format_credit: float = _f(
@@ -170,6 +181,14 @@ class TaskSection:
         "none", "reward_model: none, or zscore (standardize the scores of each reward() call; not rank-count invariant)."
     )
     reward_batch_size: int = _f(16, "reward_model: sequences per forward pass.")
+    reward_output: str = _f(
+        "auto",
+        "reward_model: which output is the reward: auto (a `score` output when the model returns one, as ArmoRM does, else the logits), score, or logits (one label, or label 1 - label 0).",
+    )
+    trust_remote_code: bool = _f(
+        False,
+        "reward_model: run the reward model's own Python code from its folder (ArmoRM needs it). Off by default: remote code runs with your permissions; turn it on only for a model you trust.",
+    )
     plugins: list[str] = _f([], "Extra reward functions module:function, combined with plugin_weights.")
     plugin_weights: list[float] = _f([], "Weights for task.plugins (default 1.0 each).")
     reward_timeout_s: float = _f(60.0, "Per-batch timeout for a reward function.")
@@ -516,6 +535,12 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
         f"expected none or zscore, got {t.reward_normalization!r}",
     )
     need(t.reward_batch_size >= 1, "task.reward_batch_size", f"expected >= 1, got {t.reward_batch_size}")
+    need(
+        t.reward_output in ("auto", "score", "logits"),
+        "task.reward_output",
+        f"expected auto, score or logits, got {t.reward_output!r}",
+    )
+    need(t.sft_size >= 0 and t.train_size >= 0, "task.sft_size", f"expected sft_size >= 0 and train_size >= 0, got {t.sft_size}, {t.train_size}")
     need(e.every >= 0, "eval.every", f"expected >= 0 (0 = only at the end), got {e.every}")
     need(e.k >= 1 and e.size >= 1, "eval.k", f"expected k >= 1 and size >= 1, got k={e.k}, size={e.size}")
     need(e.k == 1 or e.temperature > 0, "eval.temperature", "eval.k > 1 samples the same prompt k times; set eval.temperature > 0")
@@ -526,13 +551,21 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
             ("lora.adapter", lo.adapter),
             ("task.path", t.path),
             ("task.val_path", t.val_path),
-            ("task.reward_model", t.reward_model),
+            ("sft.path", sf.path),
         ):
             need(value is None or Path(value).exists(), key, f"no such file or folder: {value}")
+        # The reward model may be a hub id ("org/name", loaded from the hub or its cache) like model.path.
+        rm = t.reward_model
+        if rm is not None and not Path(rm).exists() and _looks_local(rm):
+            raise ConfigError(f"task.reward_model: no such file or folder: {rm}")
         # A path-looking value must exist; "org/name" is a hub id, checked when the model loads.
-        looks_local = m.path.startswith(("/", "./", "../", "~")) or m.path.endswith(".gguf") or m.path.count("/") > 1
-        if not m.path.startswith("embedded:") and looks_local and not Path(m.path).expanduser().exists():
+        if not m.path.startswith("embedded:") and _looks_local(m.path) and not Path(m.path).expanduser().exists():
             raise ConfigError(f"model.path: no such file or folder: {m.path}")
+
+
+def _looks_local(path: str) -> bool:
+    """A path-looking value must exist; "org/name" is a hub id, checked when the model loads."""
+    return path.startswith(("/", "./", "../", "~")) or path.endswith(".gguf") or path.count("/") > 1
 
 
 def _validate_grpo(g: GrpoSection, need: Any) -> None:

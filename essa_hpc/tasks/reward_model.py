@@ -112,7 +112,7 @@ class RewardModelTask:
         if not t.reward_model:
             raise TaskError("task.reward_model: task.name=reward_model needs the path of a reward model")
         pf, af = t.prompt_field or "prompt", t.answer_field
-        self._train, self._validation = file_splits(
+        self._train, self._validation, self._sft = file_splits(
             cfg, lambda recs, src: to_examples(recs, src, pf, af or "answer", answer_required=af is not None, response_field="response")
         )
         self.system_prompt: str | None = t.system_prompt if t.system_prompt is not None else ASSISTANT_SYSTEM_PROMPT
@@ -123,6 +123,9 @@ class RewardModelTask:
 
     def train(self) -> Sequence[Example]:
         return self._train
+
+    def sft_examples(self) -> Sequence[Example]:
+        return self._sft
 
     def validation(self) -> Sequence[Example]:
         return self._validation
