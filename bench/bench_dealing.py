@@ -61,7 +61,9 @@ def evaluate(table: list[list[dist.Work]], backend: FakeBackend, population: np.
         worst = max(worst, time.perf_counter() - t0)
         most = max(most, len(done))
         rewards = np.array([float(c.text) for c in done])
-        packed = dist.pack(dist.scored(works, seeds, rewards, np.ones(len(done), dtype=np.int64)), dist.Report(0, 0, 0, b"\0" * 16, np.zeros(len(PHASES))))
+        packed = dist.pack(
+            dist.scored(works, seeds, rewards, np.ones(len(done), dtype=np.int64)), dist.Report(0, 0, 0, b"\0" * 16, np.zeros(len(PHASES)))
+        )
         recs[r, : len(packed)] = packed
     return most, worst, dist.unpack(recs, table, popsize, seeds).rewards
 

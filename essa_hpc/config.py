@@ -104,7 +104,8 @@ class SftSection:
     batch_size: int = _f(16, "Examples per optimizer step.")
     max_length: int = _f(256, "Token cap on prompt + response.")
     examples: int = _f(
-        400, "Number of SFT examples used: the first ones of sft.path, else of the task's SFT split (task.sft_size), else of its train split."
+        400,
+        "Number of SFT examples used: the first ones of sft.path, else of the task's SFT split (task.sft_size), else of its train split.",
     )
     path: str | None = _f(
         None,
@@ -540,7 +541,11 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
         "task.reward_output",
         f"expected auto, score or logits, got {t.reward_output!r}",
     )
-    need(t.sft_size >= 0 and t.train_size >= 0, "task.sft_size", f"expected sft_size >= 0 and train_size >= 0, got {t.sft_size}, {t.train_size}")
+    need(
+        t.sft_size >= 0 and t.train_size >= 0,
+        "task.sft_size",
+        f"expected sft_size >= 0 and train_size >= 0, got {t.sft_size}, {t.train_size}",
+    )
     need(e.every >= 0, "eval.every", f"expected >= 0 (0 = only at the end), got {e.every}")
     need(e.k >= 1 and e.size >= 1, "eval.k", f"expected k >= 1 and size >= 1, got k={e.k}, size={e.size}")
     need(e.k == 1 or e.temperature > 0, "eval.temperature", "eval.k > 1 samples the same prompt k times; set eval.temperature > 0")

@@ -70,7 +70,9 @@ def test_sums_are_exact_whatever_the_dealing() -> None:
     for world in (1, 6, 7, 11, 60):
         table = dist.assign(lam, batch, world)
         tokens = np.zeros(lam * batch, dtype=np.int64)
-        scored = [dist.scored(ws, seeds, np.concatenate([values[w.cand, w.lo : w.hi] for w in ws] or [np.zeros(0)]), tokens) for ws in table]
+        scored = [
+            dist.scored(ws, seeds, np.concatenate([values[w.cand, w.lo : w.hi] for w in ws] or [np.zeros(0)]), tokens) for ws in table
+        ]
         report = dist.Report(0, 0, 0, b"\0" * dist.DIGEST_BYTES, np.zeros(len(PHASES)))
         slots = max(1, max(len(ws) for ws in table))
         recs = np.zeros((world, slots), dtype=dist.RECORD)

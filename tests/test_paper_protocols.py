@@ -27,12 +27,19 @@ def write_jsonl(path: Path, rows: list[dict[str, object]]) -> Path:
 
 
 def gsm8k_rows(n: int, start: int = 0) -> list[dict[str, object]]:
-    return [{"question": f"What is {i} + 1?", "answer": f"{i} + 1 = <<{i}+1={i + 1}>>{i + 1}\n#### {i + 1}"} for i in range(start, start + n)]
+    return [
+        {"question": f"What is {i} + 1?", "answer": f"{i} + 1 = <<{i}+1={i + 1}>>{i + 1}\n#### {i + 1}"} for i in range(start, start + n)
+    ]
 
 
 def if_rows(n: int, start: int = 0) -> list[dict[str, object]]:
     return [
-        {"key": f"k{i}", "prompt": f"Write about topic {i} without commas.", "instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}]}
+        {
+            "key": f"k{i}",
+            "prompt": f"Write about topic {i} without commas.",
+            "instruction_id_list": ["punctuation:no_comma"],
+            "kwargs": [{}],
+        }
         for i in range(start, start + n)
     ]
 
@@ -43,7 +50,9 @@ def if_rows(n: int, start: int = 0) -> list[dict[str, object]]:
 
 @needs_gsm8k
 def test_gsm8k_paper_split_on_the_real_data() -> None:
-    cfg = Config().replace(**{"task.name": "gsm8k", "task.sft_size": 1495, "task.train_size": 5978, "eval.size": 1319, "sft.examples": 1495})
+    cfg = Config().replace(
+        **{"task.name": "gsm8k", "task.sft_size": 1495, "task.train_size": 5978, "eval.size": 1319, "sft.examples": 1495}
+    )
     task = make_task(cfg)
     train, val, sft = task.train(), task.validation(), sft_examples(task, cfg)
     assert (len(sft), len(train), len(val)) == (1495, 5978, 1319)
@@ -84,7 +93,7 @@ def test_ifeval_without_training_prompts_refuses_to_train(tmp_path: Path, capsys
     cfg = Config().replace(**{"task.name": "ifeval", "task.val_path": str(bench)})
     if not IFEVAL.is_file():
         cfg = cfg.replace(**{"task.path": None})
-        with pytest.raises(TaskError, match="task.path"):
+        with pytest.raises(TaskError, match=r"task\.path"):
             make_task(cfg)
         return
     task = make_task(cfg)  # evaluation may still read the benchmark
@@ -101,7 +110,7 @@ def test_ifeval_training_file_is_separate_from_validation(tmp_path: Path) -> Non
     task = make_task(Config().replace(**{"task.name": "ifeval", "task.path": str(train), "task.val_path": str(bench), "eval.size": 541}))
     assert len(training_split(task)) == 10 and len(task.validation()) == 5
     overlapping = write_jsonl(tmp_path / "overlap.jsonl", if_rows(10, start=48))
-    with pytest.raises(TaskError, match="training prompt.*validation prompts too"):
+    with pytest.raises(TaskError, match=r"training prompt.*validation prompts too"):
         make_task(Config().replace(**{"task.name": "ifeval", "task.path": str(overlapping), "task.val_path": str(bench)}))
 
 
@@ -126,5 +135,5 @@ def test_sft_file_gives_responses_to_a_task_without_them(tmp_path: Path) -> None
     assert all(e.response is None for e in sft_examples(make_task(no_sft), no_sft)), "IFEval prompts carry no responses"
     broken = write_jsonl(tmp_path / "broken.jsonl", [{"prompt": "Say hi."}])
     bad = Config().replace(**base, **{"sft.path": str(broken)})
-    with pytest.raises(TaskError, match="sft.path=.*'response'"):
+    with pytest.raises(TaskError, match=r"sft\.path=.*'response'"):
         sft_examples(make_task(bad), bad)

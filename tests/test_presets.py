@@ -23,8 +23,18 @@ NOT_PAPER = {"cpu_default.yaml", "fake_scaling.yaml"}  # CPU default and the mod
 # start, bf16 weights (or a quantized checkpoint), greedy decoding on the vLLM backend.
 PAPER_SEARCH = {"search.optimizer": "cma", "search.diagonal": False, "lora.parametrization": "offset", "lora.init": "sft"}
 SFT_7B = {"sft.steps": 0, "sft.epochs": 1.0, "sft.learning_rate": 1e-4}  # Table 6: 7B/8B, one epoch at lr 1e-4
-SFT_32B_72B = {"sft.steps": 0, "sft.epochs": 3.0, "sft.learning_rate": 1e-6, "sft.batch_size": 128}  # Table 6: three epochs, lr 1e-6, batch 128
-GSM8K_SPLIT = {"task.sft_size": 1495, "task.train_size": 5978, "eval.size": 1319, "sft.examples": 1495}  # §4: 1,495 SFT / 5,978 ESSA / 1,319 test
+SFT_32B_72B = {
+    "sft.steps": 0,
+    "sft.epochs": 3.0,
+    "sft.learning_rate": 1e-6,
+    "sft.batch_size": 128,
+}  # Table 6: three epochs, lr 1e-6, batch 128
+GSM8K_SPLIT = {
+    "task.sft_size": 1495,
+    "task.train_size": 5978,
+    "eval.size": 1319,
+    "sft.examples": 1495,
+}  # §4: 1,495 SFT / 5,978 ESSA / 1,319 test
 
 PAPER: dict[str, dict[str, Any]] = {
     "qwen7b_gsm8k_8gpu.yaml": {
@@ -112,5 +122,5 @@ def test_paper_split_sizes_add_up_to_gsm8k_train() -> None:
 def test_a_preset_with_a_missing_data_file_fails_naming_the_key(tmp_path: Path) -> None:
     from essa_hpc.config import ConfigError
 
-    with pytest.raises(ConfigError, match="sft.path"):
+    with pytest.raises(ConfigError, match=r"sft\.path"):
         load_config(CONFIGS / "llama8b_ifeval.yaml", [f"sft.path={tmp_path / 'none.jsonl'}"])

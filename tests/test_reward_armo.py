@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import pytest
 from essa_hpc.config import Config
 from essa_hpc.tasks import TaskError, make_task
 
-MODELING = '''
+MODELING = """
 from dataclasses import dataclass
 from typing import Optional
 
@@ -63,7 +62,7 @@ class TinyArmoRM(LlamaPreTrainedModel):
         gating = torch.softmax(self.gating(hl), dim=-1)
         score = (rewards * (gating @ self.reward_transform_matrix.T)).sum(dim=-1, keepdim=True)
         return ArmoOutput(rewards=rewards, gating_output=gating, score=score if self.config.emit_score else None)
-'''
+"""
 
 
 def tiny_armo(path: Path, emit_score: bool = True) -> Path:
@@ -97,9 +96,11 @@ def tiny_armo(path: Path, emit_score: bool = True) -> Path:
         pad_token_id=0,
         eos_token_id=2,
     )
-    cfg.auto_map = {"AutoConfig": "modeling_tiny_armo.TinyArmoConfig", "AutoModelForSequenceClassification": "modeling_tiny_armo.TinyArmoRM"}
+    cfg.auto_map = {
+        "AutoConfig": "modeling_tiny_armo.TinyArmoConfig",
+        "AutoModelForSequenceClassification": "modeling_tiny_armo.TinyArmoRM",
+    }
     mod.TinyArmoRM(cfg).save_pretrained(path)
-    shutil.copy(path / "modeling_tiny_armo.py", path / "modeling_tiny_armo.py")  # beside config.json, as on the hub
     assert "auto_map" in json.loads((path / "config.json").read_text())
     return path
 

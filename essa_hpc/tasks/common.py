@@ -95,9 +95,7 @@ class Splits(NamedTuple):
     sft: list[Example]  # reserved for the SFT warm start by task.sft_size (empty when 0), disjoint from train
 
 
-def file_splits(
-    cfg: Config, mapper: Mapper, default_path: Path | None = None, default_val: Path | None = None, what: str = ""
-) -> Splits:
+def file_splits(cfg: Config, mapper: Mapper, default_path: Path | None = None, default_val: Path | None = None, what: str = "") -> Splits:
     """(train, validation, sft) for a file-backed task.
 
     Train: task.path (else ``default_path``). Validation, first that applies: task.val_path; the
@@ -133,7 +131,7 @@ def file_splits(
     if any(e.id in taken for e in val):  # e.g. two files with the same stem: keep ids unique across splits
         val = [dataclasses.replace(e, id=f"val/{e.id}") for e in val]
     split = ev.split.lower()
-    if split not in VALIDATION_SPLITS + ("train",):
+    if split not in (*VALIDATION_SPLITS, "train"):
         raise TaskError(f"eval.split: expected validation (or test) or train, got {ev.split!r}")
     essa, sft = reserve_sft(train, t.sft_size, t.train_size)
     if split == "train":
