@@ -89,7 +89,7 @@ class LoraSection:
     targets: list[str] = _f(["q_proj", "k_proj", "v_proj", "o_proj"], "Module names the LoRA adapts.")
     parametrization: str = _f(
         "relative",
-        "How a search vector x moves singular values: offset (σ = σ_sft + x), relative (σ = σ_sft + x·mean(σ_sft of that factor)) or multiplicative (σ = σ_sft·exp(x)).",
+        "How a search vector x moves singular values: offset (σ = σ_sft + x), relative (σ = σ_sft + x·mean(σ_sft of that factor)) or multiplicative (σ = σ_sft·exp(x)). The paper searches offsets (its presets here set offset); the CPU default is relative so that one search.sigma0 means the same step for factors whose σ differ in scale (docs/design.md, \"The paper's settings\"; no head-to-head measurement against offset is in bench/results yet).",
     )
 
 
@@ -121,7 +121,10 @@ class SearchSection:
         1.0,
         "Initial CMA step size in units of the parametrization; relative: 1.0 moves each searched σ by about its factor's mean. Measured on the embedded default (greedy): random candidates at 0.3 changed no answer at all, at 1.0 ~10% of answers (mean cost ~2 points, best candidates +3-9), at 1.5 15%.",
     )
-    diagonal: bool = _f(True, "sep-CMA (diagonal covariance): linear cost in d; full CMA is O(d²) memory and O(d³) per eigendecomposition.")
+    diagonal: bool = _f(
+        True,
+        "sep-CMA (diagonal covariance): linear cost in d; full CMA is O(d²) memory and O(d³) per eigendecomposition. The paper runs full-covariance CMA-ES (its presets here set false); the CPU default is sep-CMA because full CMA's ask+tell misses the per-generation budget on 2 CPU cores at the paper's d (bench/results/search.json; docs/design.md, \"The paper's settings\").",
+    )
     digest_every: int = _f(1, "Compare a hash of the optimizer state across ranks every this many generations.")
     digest_repair: bool = _f(False, "On a digest mismatch, copy rank 0's state instead of stopping the job.")
     fitness_shaping: str = _f("none", "none (raw −reward) or centered_ranks.")
