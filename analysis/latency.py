@@ -21,6 +21,28 @@ of the gradient all-reduced (ring all-reduce moves 2·(G − 1)/G of it per GPU)
 bandwidth in bytes/s; N_pop the population λ; B_essa prompts per candidate. The model is continuous (θ·G
 need not be an integer, N_pop·B_essa/G need not divide evenly) and has no latency terms, like the paper's.
 
+The paper's symbols and eq. (1). The paper writes m_fb and m_gen for the GPUs of one training and
+one generation model instance and η_fb, η_gen for the seconds one instance spends per sequence; above,
+m is tokens per sequence and η seconds per token on one GPU. Only the products enter the formulas, and
+both products are GPU-seconds per sequence (paper: m GPUs × η s; here: m tokens × η GPU-s/token), so
+every formula above reads the same in the paper's symbols. The paper's M_essa is what a candidate
+sends: its seed and reward, 2 × 4 bytes (M_ESSA_PAPER_BYTES); the Allgather of a generation moves
+N_pop·M_essa. Our reading of eq. (1), the bound without ESSA's communication (a few hundred bytes
+against GRPO's gigabytes):
+
+    (1)  N_pop ≤ (B_grad / B_essa)·(1 + m_fb·η_fb / (m_gen·η_gen)) + 2·M_params·(G − 1) / (B_essa·m_gen·η_gen·bw)
+
+and the exact form beside it (`population_bound_exact`), T_essa ≤ T*_grad with the Allgather of
+N_pop·M_essa bytes kept:
+
+    N_pop ≤ [B_grad·(m_fb·η_fb + m_gen·η_gen) + 2·M_params·(G − 1)/bw] / [B_essa·m_gen·η_gen + M_essa·(G − 1)/bw]
+
+Both are continuous. Whole items: with I = ⌊G / m_gen⌋ instances and λ·B_essa (candidate, prompt)
+items, a generation lasts as long as the busiest instance, ⌈λ·B_essa / I⌉ items with balanced dealing
+(dist.assign when I > λ), so ESSA's generation time is the continuous term divided by
+`dealing_efficiency` (docs/design.md, "Balanced dealing"; "candidate" dealing is the earlier rule,
+rank r takes candidate r mod λ and splits it with the ranks of the same candidate).
+
 η_gen is fitted from our own logs (`fit_eta_gen`): the seconds each rank spent in the "generate" phase
 (/gen/timings) against the tokens it generated (/gen/tokens). η_fb, M_params and bw come from arguments
 or from PRESETS, whose numbers are assumptions documented in `Preset.notes` and analysis/README.md.
@@ -35,7 +57,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import pandas as pd
 
-M_ESSA_BYTES = 8.0  # the paper's communication volume per ESSA iteration (one float64)
+M_ESSA_BYTES = 8.0  # t_essa's default M_essa: the bytes of one candidate's record
+M_ESSA_PAPER_BYTES = 2 * 4.0  # the paper's M_essa: one candidate's seed and reward, 4 bytes each
 
 H100_BF16_DENSE_FLOPS = 989e12  # NVIDIA H100 SXM datasheet: dense BF16 tensor-core peak (no sparsity)
 NVLINK_BW = 900e9  # H100 SXM NVLink 4: 900 GB/s total per GPU (NVIDIA datasheet)
@@ -98,6 +121,57 @@ def population_bound(
     """Theorem B.2: the largest (real) N_pop with T_essa ≤ T*_grad; floor() it for a whole population."""
     budget = B_grad * (m_fb * eta_fb + m_gen * eta_gen) + (2.0 * M_params - M_essa) * (G - 1) / peak_bw
     return budget / (B_essa * m_gen * eta_gen)
+
+
+def population_bound_eq1(
+    G: float, *, B_grad: float, m_fb: float, eta_fb: float, m_gen: float, eta_gen: float, M_params: float, peak_bw: float, B_essa: float
+) -> float:
+    """Eq. (1) as we read it, in the paper's symbols (module docstring): the population bound without
+    ESSA's own communication, (B_grad/B_essa)·(1 + m_fb·η_fb/(m_gen·η_gen)) + 2·M_params·(G − 1)/(B_essa·m_gen·η_gen·bw)."""
+    a, b = m_fb * eta_fb, m_gen * eta_gen
+    return (B_grad / B_essa) * (1.0 + a / b) + 2.0 * M_params * (G - 1) / (B_essa * b * peak_bw)
+
+
+def population_bound_exact(
+    G: float,
+    *,
+    B_grad: float,
+    m_fb: float,
+    eta_fb: float,
+    m_gen: float,
+    eta_gen: float,
+    M_params: float,
+    peak_bw: float,
+    B_essa: float,
+    M_essa: float = M_ESSA_PAPER_BYTES,
+) -> float:
+    """The exact form of eq. (1): the largest real N_pop with N_pop·B_essa·m_gen·η_gen/G + N_pop·M_essa·(G − 1)/(G·bw)
+    ≤ T*_grad, i.e. ESSA's Allgather of N_pop records of M_essa bytes kept (module docstring)."""
+    budget = B_grad * (m_fb * eta_fb + m_gen * eta_gen) + 2.0 * M_params * (G - 1) / peak_bw
+    return budget / (B_essa * m_gen * eta_gen + M_essa * (G - 1) / peak_bw)
+
+
+def busiest_items(N_pop: int, B_essa: int, instances: int, dealing: str = "balanced") -> int:
+    """(candidate, prompt) items of the busiest instance in one generation.
+
+    balanced: dist.assign's rule, ⌈λ·B/I⌉ when I > λ, else whole candidates round-robin (⌈λ/I⌉·B).
+    candidate: the earlier rule for I > λ, rank r takes candidate r mod λ; a candidate with the fewest
+    ranks, ⌊I/λ⌋, gives each of them ⌈B/⌊I/λ⌋⌉ items.
+    """
+    if N_pop < 1 or B_essa < 1 or instances < 1:
+        raise ValueError(f"busiest_items: need N_pop, B_essa, instances >= 1, got {N_pop}, {B_essa}, {instances}")
+    if dealing not in ("balanced", "candidate"):
+        raise ValueError(f"dealing: expected balanced or candidate, got {dealing!r}")
+    if N_pop >= instances:
+        return math.ceil(N_pop / instances) * B_essa
+    if dealing == "balanced":
+        return math.ceil(N_pop * B_essa / instances)
+    return math.ceil(B_essa / (instances // N_pop))
+
+
+def dealing_efficiency(N_pop: int, B_essa: int, instances: int, dealing: str = "balanced") -> float:
+    """Parallel efficiency of one generation's dealing: the mean load λ·B/I over the busiest instance's."""
+    return N_pop * B_essa / instances / busiest_items(N_pop, B_essa, instances, dealing)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -168,7 +242,10 @@ DEFAULT_G: tuple[int, ...] = tuple(2**k for k in range(3, 11))  # 8 … 1024
 
 
 def project(preset: Preset, workload: Workload = Workload(), Gs: Iterable[int] = DEFAULT_G) -> pd.DataFrame:
-    """Predicted per-iteration times of GRPO (at θ*) and ESSA, speed-up and population bound per G."""
+    """Predicted per-iteration times of GRPO (at θ*) and ESSA, speed-up and population bounds per G:
+    n_pop_bound (Theorem B.2, M_essa per iteration as given), n_pop_eq1 (eq. (1) as we read it) and
+    n_pop_exact (its exact form, M_essa = 2 × 4 bytes per candidate), and the dealing efficiency of
+    one GPU per instance (balanced, and the earlier per-candidate rule)."""
     w = workload
     rows = []
     for G in Gs:
@@ -177,6 +254,8 @@ def project(preset: Preset, workload: Workload = Workload(), Gs: Iterable[int] =
         tg = t_grad_star(G, B_grad=w.B_grad, M_params=preset.M_params, peak_bw=bw, **common)
         te = t_essa(G, N_pop=w.N_pop, B_essa=w.B_essa, m_gen=w.m_gen, eta_gen=preset.eta_gen, peak_bw=bw, M_essa=w.M_essa)
         nmax = population_bound(G, B_grad=w.B_grad, M_params=preset.M_params, peak_bw=bw, B_essa=w.B_essa, M_essa=w.M_essa, **common)
+        paper = {"B_grad": w.B_grad, "M_params": preset.M_params, "peak_bw": bw, "B_essa": w.B_essa, **common}
+        n_pop, b_essa = max(1, round(w.N_pop)), max(1, round(w.B_essa))
         rows.append(
             {
                 "preset": preset.name,
@@ -188,6 +267,10 @@ def project(preset: Preset, workload: Workload = Workload(), Gs: Iterable[int] =
                 "t_essa": te,
                 "speedup": tg / te,
                 "n_pop_bound": math.floor(nmax),
+                "n_pop_eq1": math.floor(population_bound_eq1(G, **paper)),
+                "n_pop_exact": math.floor(population_bound_exact(G, **paper)),
+                "dealing_efficiency": dealing_efficiency(n_pop, b_essa, int(G)),
+                "dealing_efficiency_candidate": dealing_efficiency(n_pop, b_essa, int(G), "candidate"),
             }
         )
     return pd.DataFrame(rows)

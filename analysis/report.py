@@ -440,6 +440,10 @@ def write_summary(
                     "t_essa": "T_essa (s)",
                     "speedup": "T*_grad/T_essa",
                     "n_pop_bound": "N_pop bound",
+                    "n_pop_eq1": "N_pop, eq. (1)",
+                    "n_pop_exact": "N_pop, exact",
+                    "dealing_efficiency": "dealing eff.",
+                    "dealing_efficiency_candidate": "eff., per-candidate dealing",
                 },
             )
         )
@@ -447,7 +451,13 @@ def write_summary(
     s.append(
         "The speed-up is per iteration; it leaves out how many iterations each method needs to reach a given "
         "quality (the paper's time-to-target comparisons include that). The N_pop bound is the largest population "
-        "whose ESSA iteration is no slower than one GRPO step at θ*.\n"
+        "whose ESSA iteration is no slower than one GRPO step at θ*. Eq. (1) is the paper's bound as we read it "
+        "(ESSA's own communication left out): N_pop ≤ (B_grad/B_essa)·(1 + m_fb·η_fb/(m_gen·η_gen)) + "
+        "2·M_params·(G − 1)/(B_essa·m_gen·η_gen·bw); the exact form keeps the Allgather of N_pop records of "
+        "2 × 4 bytes: N_pop ≤ [B_grad·(m_fb·η_fb + m_gen·η_gen) + 2·M_params·(G − 1)/bw] / "
+        "[B_essa·m_gen·η_gen + 8·(G − 1)/bw] (analysis/latency.py). The dealing efficiencies are mean over busiest "
+        "rank's (candidate, prompt) items at one GPU per rank: balanced dealing, and the earlier rule (rank r takes "
+        "candidate r mod λ).\n"
     )
 
     s.append("## Files\n")

@@ -92,7 +92,7 @@ class LoraSection:
     targets: list[str] = _f(["q_proj", "k_proj", "v_proj", "o_proj"], "Module names the LoRA adapts.")
     parametrization: str = _f(
         "relative",
-        "How a search vector x moves singular values: offset (σ = σ_sft + x), relative (σ = σ_sft + x·mean(σ_sft of that factor)) or multiplicative (σ = σ_sft·exp(x)).",
+        'How a search vector x moves singular values: offset (σ = σ_sft + x), relative (σ = σ_sft + x·mean(σ_sft of that factor)) or multiplicative (σ = σ_sft·exp(x)). The paper searches offsets (its presets here set offset); the CPU default is relative so that one search.sigma0 means the same step for factors whose σ differ in scale (docs/design.md, "The paper\'s settings"; no head-to-head measurement against offset is in bench/results yet).',
     )
 
 
@@ -106,7 +106,14 @@ class SftSection:
     learning_rate: float = _f(2e-3, "AdamW learning rate.")
     batch_size: int = _f(16, "Examples per optimizer step.")
     max_length: int = _f(256, "Token cap on prompt + response.")
-    examples: int = _f(400, "Number of training examples taken from the task's train split.")
+    examples: int = _f(
+        400,
+        "Number of SFT examples used: the first ones of sft.path, else of the task's SFT split (task.sft_size), else of its train split.",
+    )
+    path: str | None = _f(
+        None,
+        "SFT data file (JSONL/JSON/CSV/parquet/save_to_disk) with fields prompt and response, for tasks whose data has no reference responses (IFEval); default: the task's own SFT examples.",
+    )
 
 
 @dataclass(frozen=True)
@@ -117,7 +124,10 @@ class SearchSection:
         1.0,
         "Initial CMA step size in units of the parametrization; relative: 1.0 moves each searched σ by about its factor's mean. Measured on the embedded default (greedy): random candidates at 0.3 changed no answer at all, at 1.0 ~10% of answers (mean cost ~2 points, best candidates +3-9), at 1.5 15%.",
     )
-    diagonal: bool = _f(True, "sep-CMA (diagonal covariance): linear cost in d; full CMA is O(d²) memory and O(d³) per eigendecomposition.")
+    diagonal: bool = _f(
+        True,
+        "sep-CMA (diagonal covariance): linear cost in d; full CMA is O(d²) memory and O(d³) per eigendecomposition. The paper runs full-covariance CMA-ES (its presets here set false); the CPU default is sep-CMA because full CMA's ask+tell misses the per-generation budget on 2 CPU cores at the paper's d (bench/results/search.json; docs/design.md, \"The paper's settings\").",
+    )
     digest_every: int = _f(1, "Compare a hash of the optimizer state across ranks every this many generations.")
     digest_repair: bool = _f(False, "On a digest mismatch, copy rank 0's state instead of stopping the job.")
     fitness_shaping: str = _f("none", "none (raw −reward) or centered_ranks.")
@@ -159,6 +169,11 @@ class TaskSection:
     system_prompt: str | None = _f(None, "System prompt; default: the task's (paper's) prompt.")
     prompt_field: str | None = _f(None, "Column holding the prompt (default per task).")
     answer_field: str | None = _f(None, "Column holding the reference answer (default per task).")
+    sft_size: int = _f(
+        0,
+        "gsm8k/math/reward_model/plugin: training records reserved for the SFT warm start (a fixed pseudo-random draw, the same for every run seed); ESSA never trains on them (paper, GSM8K: 1495 of 7473). 0 = SFT and ESSA share the training split.",
+    )
+    train_size: int = _f(0, "Cap on ESSA's training split after the SFT reservation (0 = all the rest; paper, GSM8K: 5978).")
     digits: int = _f(2, "arithmetic: digits per operand.")
     operations: list[str] = _f(["+", "-"], "arithmetic: operations drawn from +, -, *.")
     format_credit: float = _f(
@@ -173,6 +188,14 @@ class TaskSection:
         "none", "reward_model: none, or zscore (standardize the scores of each reward() call; not rank-count invariant)."
     )
     reward_batch_size: int = _f(16, "reward_model: sequences per forward pass.")
+    reward_output: str = _f(
+        "auto",
+        "reward_model: which output is the reward: auto (a `score` output when the model returns one, as ArmoRM does, else the logits), score, or logits (one label, or label 1 - label 0).",
+    )
+    trust_remote_code: bool = _f(
+        False,
+        "reward_model: run the reward model's own Python code from its folder (ArmoRM needs it). Off by default: remote code runs with your permissions; turn it on only for a model you trust.",
+    )
     plugins: list[str] = _f([], "Extra reward functions module:function, combined with plugin_weights.")
     plugin_weights: list[float] = _f([], "Weights for task.plugins (default 1.0 each).")
     reward_timeout_s: float = _f(60.0, "Per-batch timeout for a reward function.")
@@ -595,6 +618,16 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
         f"expected none or zscore, got {t.reward_normalization!r}",
     )
     need(t.reward_batch_size >= 1, "task.reward_batch_size", f"expected >= 1, got {t.reward_batch_size}")
+    need(
+        t.reward_output in ("auto", "score", "logits"),
+        "task.reward_output",
+        f"expected auto, score or logits, got {t.reward_output!r}",
+    )
+    need(
+        t.sft_size >= 0 and t.train_size >= 0,
+        "task.sft_size",
+        f"expected sft_size >= 0 and train_size >= 0, got {t.sft_size}, {t.train_size}",
+    )
     need(e.every >= 0, "eval.every", f"expected >= 0 (0 = only at the end), got {e.every}")
     need(e.k >= 1, "eval.k", f"expected >= 1 samples per prompt, got {e.k}")
     need(e.size >= 1, "eval.size", f"expected >= 1 validation prompts, got {e.size}")
@@ -606,13 +639,21 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
             ("lora.adapter", lo.adapter),
             ("task.path", t.path),
             ("task.val_path", t.val_path),
-            ("task.reward_model", t.reward_model),
+            ("sft.path", sf.path),
         ):
             need(value is None or Path(value).exists(), key, f"no such file or folder: {value}")
+        # The reward model may be a hub id ("org/name", loaded from the hub or its cache) like model.path.
+        rm = t.reward_model
+        if rm is not None and not Path(rm).exists() and _looks_local(rm):
+            raise ConfigError(f"task.reward_model: no such file or folder: {rm}")
         # A path-looking value must exist; "org/name" is a hub id, checked when the model loads.
-        looks_local = m.path.startswith(("/", "./", "../", "~")) or m.path.endswith(".gguf") or m.path.count("/") > 1
-        if not m.path.startswith("embedded:") and looks_local and not Path(m.path).expanduser().exists():
+        if not m.path.startswith("embedded:") and _looks_local(m.path) and not Path(m.path).expanduser().exists():
             raise ConfigError(f"model.path: no such file or folder: {m.path}")
+
+
+def _looks_local(path: str) -> bool:
+    """A path-looking value must exist; "org/name" is a hub id, checked when the model loads."""
+    return path.startswith(("/", "./", "../", "~")) or path.endswith(".gguf") or path.count("/") > 1
 
 
 def _validate_grpo(g: GrpoSection, need: Any) -> None:

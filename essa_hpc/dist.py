@@ -73,9 +73,14 @@ def assign(popsize: int, batch: int, world: int) -> list[list[Work]]:
     """Who evaluates what, a pure function of (λ, batch, world): every rank computes the same table.
 
     λ ≥ world: candidates dealt round-robin, each evaluated whole on one rank.
-    λ < world: rank r works for candidate r mod λ; the ranks of a candidate split its minibatch in
-    contiguous slices (partial sums are exact in fixed point, so the split does not change results).
-    Ranks whose slice would be empty (more ranks than prompts) get no work.
+    λ < world: the λ·batch (candidate, prompt) items are dealt in contiguous runs of ⌊λ·batch/world⌋ or
+    ⌈λ·batch/world⌉ items per rank (docs/design.md, "Balanced dealing"), so no rank waits on a
+    candidate that fewer ranks share than the others; a run may span the end of one candidate and the
+    start of the next, and then the rank holds two pieces. Ranks take the runs in the order
+    (r mod λ, r div λ): with world a multiple of λ that is exactly "rank r works for candidate r mod λ".
+    A candidate split over ranks sums to the same value as one evaluated whole (exact fixed-point
+    partial sums), so the dealing never changes results. Ranks whose run would be empty (more ranks
+    than items) get no work.
     """
     if popsize < 1 or batch < 1 or world < 1:
         raise ValueError(f"assign: need popsize, batch, world >= 1, got {popsize}, {batch}, {world}")
@@ -84,12 +89,17 @@ def assign(popsize: int, batch: int, world: int) -> list[list[Work]]:
         for c in range(popsize):
             table[c % world].append(Work(c, 0, 0, batch))
         return table
-    for c in range(popsize):
-        ranks = list(range(c, world, popsize))
-        bounds = np.linspace(0, batch, len(ranks) + 1).round().astype(int)
-        for part, (r, lo, hi) in enumerate(zip(ranks, bounds[:-1], bounds[1:])):
-            if hi > lo:
-                table[r].append(Work(c, part, int(lo), int(hi)))
+    order = sorted(range(world), key=lambda r: (r % popsize, r // popsize))
+    bounds = np.linspace(0, popsize * batch, world + 1).round().astype(np.int64)
+    parts = [0] * popsize  # pieces of each candidate dealt so far: the next piece's part number
+    for position, r in enumerate(order):
+        k, hi = int(bounds[position]), int(bounds[position + 1])
+        while k < hi:
+            c = k // batch
+            end = min(hi, (c + 1) * batch)
+            table[r].append(Work(c, parts[c], k - c * batch, end - c * batch))
+            parts[c] += 1
+            k = end
     return table
 
 

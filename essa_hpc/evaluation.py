@@ -106,7 +106,7 @@ def _renderer(loaded: Any, task: Task) -> Callable[[Example], str]:
 
 def build_evaluator(cfg: Config, comm: dist.Comm) -> Evaluator:
     """The run's evaluator: model, task, the SVD-LoRA search space and the backend."""
-    from essa_hpc.tasks import make_task
+    from essa_hpc.tasks import make_task, sft_examples, training_split
 
     task = make_task(cfg)
     summarize, metric_names = _summarizer(cfg, task)
@@ -122,9 +122,10 @@ def build_evaluator(cfg: Config, comm: dist.Comm) -> Evaluator:
     from essa_hpc import svd_lora
     from essa_hpc.backends import make_backend
 
+    train, val = training_split(task), list(task.validation())[: cfg.eval.size]
+    sft_data = sft_examples(task, cfg) if cfg.lora.init == "sft" and not cfg.lora.adapter else []
     loaded = _load_model(cfg, comm)
-    train, val = task.train(), list(task.validation())[: cfg.eval.size]
-    svd = _search_space(cfg, comm, loaded, task, train)
+    svd = _search_space(cfg, comm, loaded, task, sft_data)
     backend = make_backend(cfg, loaded, svd)
 
     def export(x: np.ndarray, out: Path) -> None:
@@ -133,8 +134,9 @@ def build_evaluator(cfg: Config, comm: dist.Comm) -> Evaluator:
     return Evaluator(backend, task, _renderer(loaded, task), export, metric_names, summarize, train, val)
 
 
-def _search_space(cfg: Config, comm: dist.Comm, loaded: Any, task: Task, train: Sequence[Example]) -> Any:
-    """The SVD-LoRA the run searches: around lora.adapter, a cached SFT warm start, or a random init."""
+def _search_space(cfg: Config, comm: dist.Comm, loaded: Any, task: Task, sft_data: Sequence[Example]) -> Any:
+    """The SVD-LoRA the run searches: around lora.adapter, a cached SFT warm start (trained on
+    ``sft_data``: tasks.sft_examples), or a random init."""
     from essa_hpc import models, svd_lora
 
     adapter: Path | None
@@ -146,7 +148,7 @@ def _search_space(cfg: Config, comm: dist.Comm, loaded: Any, task: Task, train: 
         adapter = Path()
         if comm.rank == 0:
             trainable = models.load(cfg.model) if cfg.backend.name == "vllm" else loaded  # SFT needs real weights
-            adapter = sft.cached_sft_adapter(cfg, trainable, train, task.system_prompt, log=print)
+            adapter = sft.cached_sft_adapter(cfg, trainable, sft_data, task.system_prompt, log=print)
             del trainable
         adapter = Path(comm.bcast(str(adapter)))
     else:

@@ -199,7 +199,7 @@ def run_grpo(cfg: Config, log: Any = print) -> int:
 
     from essa_hpc import dist, models, svd_lora
     from essa_hpc.evaluation import AdapterValidation
-    from essa_hpc.tasks import make_task
+    from essa_hpc.tasks import make_task, sft_examples, training_split
 
     g = cfg.grpo
     # TRL calls transformers' gradient-checkpointing helpers under their old names; their deprecation
@@ -208,7 +208,7 @@ def run_grpo(cfg: Config, log: Any = print) -> int:
     models.set_threads(cfg.model.threads, 1)
     run_dir = prepare_run_dir(cfg)
     task = make_task(cfg)
-    train = list(task.train())
+    train = list(training_split(task))
     val = list(task.validation())[: cfg.eval.size]
     if not val:
         raise GrpoError(f"task {cfg.task.name}: the validation split is empty")
@@ -219,7 +219,7 @@ def run_grpo(cfg: Config, log: Any = print) -> int:
     models.resolve_source(cfg.model)
     loaded = models.load(cfg.model)  # the policy; AdapterValidation loads a second copy (peft wraps these layers)
     system_prompt = task.system_prompt
-    policy, source = starting_policy(cfg, loaded, train, system_prompt, log)
+    policy, source = starting_policy(cfg, loaded, sft_examples(task, cfg), system_prompt, log)
     validator = AdapterValidation(cfg, dist.init(), task, val)
     glog = GrpoLog(run_dir / "log.h5", cfg.to_json(), validator.metric_names)
     tokenizer = loaded.tokenizer

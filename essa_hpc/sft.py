@@ -306,6 +306,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python -m essa_hpc.sft`` / ``essa-sft``: train (or reuse) the warm-start adapter of a config."""
     from essa_hpc.config import ConfigError, load_config
     from essa_hpc.svd_lora import AdapterError
+    from essa_hpc.tasks.base import TaskError
 
     ap = argparse.ArgumentParser(prog="essa-sft", description="LoRA SFT warm start for ESSA; writes a PEFT adapter folder.")
     ap.add_argument("--config", help="YAML config file (default: the embedded default)")
@@ -315,10 +316,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.set)
         models.set_threads(cfg.model.threads, 1)
-        from essa_hpc.tasks import make_task
+        from essa_hpc.tasks import make_task, sft_examples
 
         task = make_task(cfg)
-        examples = list(task.train())[: cfg.sft.examples]
+        examples = sft_examples(task, cfg)
         system = cfg.task.system_prompt if cfg.task.system_prompt is not None else getattr(task, "system_prompt", None)
         loaded = models.load(cfg.model)
         if args.out:
@@ -328,7 +329,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             path = cached_sft_adapter(cfg, loaded, examples, system)
             stats = json.loads((path / STATS_FILE).read_text()) if (path / STATS_FILE).is_file() else {}
             stats.pop("meta", None)
-    except (ConfigError, models.ModelError, AdapterError, SftError) as e:
+    except (ConfigError, models.ModelError, AdapterError, SftError, TaskError) as e:
         print(f"essa-sft: error: {e}", file=sys.stderr)
         return exit_codes.BAD_INPUT
     print(json.dumps({"adapter": str(path), **stats}, sort_keys=True))

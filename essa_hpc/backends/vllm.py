@@ -187,8 +187,11 @@ def _env_int(names: Sequence[str], default: int | None = None) -> int | None:
 
 
 def candidates_per_rank(popsize: int, world: int) -> int:
-    """Most candidates one rank evaluates in a generation (dist.assign: round-robin, or 1 when world > λ)."""
-    return max(1, math.ceil(popsize / max(1, world))) if popsize >= world else 1
+    """Most candidates one rank evaluates in a generation (dist.assign: round-robin when λ ≥ world; when
+    world > λ a rank's run of (candidate, prompt) items spans two candidates unless world is a multiple of λ)."""
+    if popsize >= world:
+        return max(1, math.ceil(popsize / max(1, world)))
+    return 1 if world % popsize == 0 else 2
 
 
 def rank_devices(local_rank: int, tp: int, visible: Sequence[str]) -> list[str]:

@@ -9,11 +9,50 @@ imported first, so a broken plugin fails before any data or model loads.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from essa_hpc.config import Config
 from essa_hpc.tasks.base import Example, Rewards, Task, TaskError
-from essa_hpc.tasks.data import check_prompt_lengths, minibatch, read_records, shared_data_dir
+from essa_hpc.tasks.data import check_prompt_lengths, minibatch, read_records, shared_data_dir, task_sft_split, to_examples
 
-__all__ = ["Example", "Rewards", "Task", "TaskError", "check_prompt_lengths", "make_task", "minibatch", "read_records", "shared_data_dir"]
+__all__ = [
+    "Example",
+    "Rewards",
+    "Task",
+    "TaskError",
+    "check_prompt_lengths",
+    "make_task",
+    "minibatch",
+    "read_records",
+    "sft_examples",
+    "shared_data_dir",
+    "training_split",
+]
+
+
+def sft_examples(task: Task, cfg: Config) -> list[Example]:
+    """What the SFT warm start trains on, the first cfg.sft.examples of, in order: sft.path (prompt and
+    response fields; for tasks whose data has no reference responses, such as IFEval), the task's
+    reserved SFT split (task.sft_size, disjoint from ESSA's), else ESSA's training split.
+    docs/design.md, "The paper's settings"."""
+    if cfg.sft.path:
+        pf = cfg.task.prompt_field or "prompt"
+        recs = read_records(cfg.sft.path, key="sft.path")
+        examples = to_examples(recs, str(cfg.sft.path), pf, "answer", answer_required=False, response_field="response")
+        if not examples or any(e.response is None for e in examples):
+            raise TaskError(f"sft.path={cfg.sft.path}: every record needs a {pf!r} and a 'response' field")
+        return examples[: cfg.sft.examples]
+    reserved = task_sft_split(task)
+    return (reserved or list(training_split(task)))[: cfg.sft.examples]
+
+
+def training_split(task: Task) -> Sequence[Example]:
+    """The split a run (ESSA, SFT, GRPO) trains on; a task whose split is only a benchmark refuses here
+    (IFEval without task.path: the 541 benchmark prompts validate, they never train)."""
+    refusal = getattr(task, "training_refusal", None)
+    if refusal:
+        raise TaskError(str(refusal))
+    return task.train()
 
 
 def make_task(cfg: Config) -> Task:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 from essa_hpc.config import Config
 from essa_hpc.tasks.base import MAX_ERRORS, Example, Rewards, TaskError
-from essa_hpc.tasks.data import Record, held_out, read_records, require_nonempty, validation_source
+from essa_hpc.tasks.data import Record, held_out, read_records, require_nonempty, reserve_sft, validation_source
 
 MATH_SYSTEM_PROMPT = "Please reason step by step and place your final answer in \\boxed{}."
 ASSISTANT_SYSTEM_PROMPT = "You are a helpful, honest, and concise assistant."
@@ -34,13 +35,20 @@ class ScoredTask:
     system_prompt: str | None = None
     correct_threshold: float = 1.0
 
-    def __init__(self, train: Sequence[Example], validation: Sequence[Example], failure_reward: float = 0.0) -> None:
+    def __init__(
+        self, train: Sequence[Example], validation: Sequence[Example], failure_reward: float = 0.0, sft: Sequence[Example] = ()
+    ) -> None:
         self._train = list(train)
         self._validation = list(validation)
+        self._sft = list(sft)
         self.failure_reward = float(failure_reward)
 
     def train(self) -> Sequence[Example]:
         return self._train
+
+    def sft_examples(self) -> Sequence[Example]:
+        """The SFT split reserved by task.sft_size (empty: the warm start uses the training split)."""
+        return self._sft
 
     def validation(self) -> Sequence[Example]:
         return self._validation
@@ -81,16 +89,21 @@ def unique_ids(examples: Sequence[Example], what: str) -> None:
 Mapper = Callable[[Sequence[Record], str], list[Example]]
 
 
-def file_splits(
-    cfg: Config, mapper: Mapper, default_path: Path | None = None, default_val: Path | None = None, what: str = ""
-) -> tuple[list[Example], list[Example]]:
-    """(train, validation) for a file-backed task.
+class Splits(NamedTuple):
+    train: list[Example]  # what ESSA draws minibatches from
+    validation: list[Example]
+    sft: list[Example]  # reserved for the SFT warm start by task.sft_size (empty when 0), disjoint from train
+
+
+def file_splits(cfg: Config, mapper: Mapper, default_path: Path | None = None, default_val: Path | None = None, what: str = "") -> Splits:
+    """(train, validation, sft) for a file-backed task.
 
     Train: task.path (else ``default_path``). Validation, first that applies: task.val_path; the
     default validation file when task.path is unset; a validation/test split inside the task.path
     folder or DatasetDict; else a fixed held-out slice of train (``tasks.data.held_out``). The
     validation split is then cut to its first eval.size examples; eval.split=train validates on the
-    first eval.size training examples instead.
+    first eval.size training examples instead. Last, task.sft_size examples of train are reserved for the
+    SFT warm start and task.train_size caps the rest (``tasks.data.reserve_sft``).
     """
     t, ev = cfg.task, cfg.eval
     path: Path | None = Path(t.path) if t.path else default_path
@@ -118,8 +131,9 @@ def file_splits(
     if any(e.id in taken for e in val):  # e.g. two files with the same stem: keep ids unique across splits
         val = [dataclasses.replace(e, id=f"val/{e.id}") for e in val]
     split = ev.split.lower()
-    if split == "train":
-        return train, train[: ev.size]
-    if split not in VALIDATION_SPLITS:
+    if split not in (*VALIDATION_SPLITS, "train"):
         raise TaskError(f"eval.split: expected validation (or test) or train, got {ev.split!r}")
-    return train, val[: ev.size]
+    essa, sft = reserve_sft(train, t.sft_size, t.train_size)
+    if split == "train":
+        return Splits(essa, essa[: ev.size], sft)
+    return Splits(essa, val[: ev.size], sft)

@@ -39,6 +39,7 @@ TRAIN_NAMES = ("train",)
 VAL_NAMES = ("validation", "val", "valid", "dev", "test")
 MINIBATCH_SALT = 0xB47C4  # keeps minibatch streams apart from other streams derived from the run seed
 SPLIT_SALT = 0x5B117  # the held-out validation slice (independent of the run seed: comparable runs)
+SFT_SALT = 0x5F75F  # the SFT reservation (task.sft_size), likewise independent of the run seed
 
 
 @dataclass(frozen=True)
@@ -293,6 +294,33 @@ def held_out(examples: Sequence[Example], size: int, max_fraction: float = 0.2) 
     train = [e for i, e in enumerate(examples) if i not in val_idx]
     val = [examples[i] for i in sorted(val_idx)]
     return train, val
+
+
+def reserve_sft(examples: Sequence[Example], sft_size: int, train_size: int = 0) -> tuple[list[Example], list[Example]]:
+    """(ESSA's training split, the SFT split): ``sft_size`` examples drawn for the warm start, disjoint
+    from what ESSA trains on, as the paper keeps them (GSM8K: 1,495 SFT and 5,978 ESSA questions of
+    7,473; docs/design.md, "The paper's settings"). The draw depends only on the number of examples, not
+    on the run seed, so every run of a setting warm-starts on the same examples; both parts keep the
+    file's order. ``train_size`` > 0 caps ESSA's part (its first examples).
+    """
+    n = len(examples)
+    if sft_size <= 0:
+        train = list(examples)
+        return (train[:train_size] if train_size else train), []
+    if sft_size >= n:
+        raise TaskError(f"task.sft_size={sft_size}: the training data has only {n} examples; ESSA needs some left to train on")
+    chosen = set(np.random.default_rng([SFT_SALT, n]).permutation(n)[:sft_size].tolist())
+    sft = [e for i, e in enumerate(examples) if i in chosen]
+    train = [e for i, e in enumerate(examples) if i not in chosen]
+    if train_size > len(train):
+        raise TaskError(f"task.train_size={train_size}: only {len(train)} examples are left after task.sft_size={sft_size}")
+    return (train[:train_size] if train_size else train), sft
+
+
+def task_sft_split(task: Any) -> list[Example]:
+    """A task's reserved SFT split (task.sft_size), or [] for a task that reserves none."""
+    method = getattr(task, "sft_examples", None)
+    return list(method()) if callable(method) else []
 
 
 def require_nonempty(examples: Sequence[Example], what: str) -> None:

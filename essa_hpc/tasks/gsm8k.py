@@ -76,10 +76,10 @@ class GSM8KTask(ScoredTask):
         folder = shared_data_dir() / "gsm8k"
         default = folder / "train.jsonl" if (folder / "train.jsonl").is_file() else None
         default_val = folder / "test.jsonl" if (folder / "test.jsonl").is_file() else None
-        train, val = file_splits(
+        train, val, sft = file_splits(
             cfg, lambda recs, src: to_gsm8k_examples(recs, src, pf, af), default, default_val, what=f" (no default copy at {folder})"
         )
-        super().__init__(train, val, t.failure_reward)
+        super().__init__(train, val, t.failure_reward, sft)
         self.system_prompt = t.system_prompt if t.system_prompt is not None else MATH_SYSTEM_PROMPT
         self.format_credit = float(t.format_credit)
 

@@ -1,10 +1,14 @@
 """IFEval instruction following (verifiable instructions, no reference responses).
 
-Data: task.path (default: ``shared/data/ifeval/input_data.jsonl`` when present) with fields ``prompt``,
-``instruction_id_list`` and ``kwargs`` (one dict per instruction), and optionally ``key``. Every
-instruction is validated when the task is built, so a bad row fails before any model loads. IFEval has
-no training responses: the training split is the prompts, and validation is task.val_path or a fixed
-held-out slice of them.
+Data: JSONL (or any task data format) with fields ``prompt``, ``instruction_id_list`` and ``kwargs``
+(one dict per instruction), and optionally ``key``. Every instruction is validated when the task is
+built, so a bad row fails before any model loads. As in the paper (docs/design.md, "The paper's
+settings"), training prompts are a file of their own, task.path (any "IFEval-like" prompts), and the
+benchmark validates: task.val_path, else all of ``shared/data/ifeval/input_data.jsonl`` (541 prompts;
+cut to eval.size). Training and validation prompts must be disjoint. Without task.path the task still
+offers the benchmark's prompts (a fixed held-out slice validates; for evaluation), but a run, SFT or GRPO
+refuses to train on them (``training_refusal``, checked by ``tasks.training_split``). IFEval has no
+reference responses: the SFT warm start reads sft.path.
 
 Reward (task.ifeval_reward): ``instruction`` — the fraction of the prompt's instructions followed
 (default, a dense signal for the search); ``prompt`` — 1.0 only when all are followed (IFEval's
@@ -17,6 +21,7 @@ numbers per completion: ``prompt_strict``, ``instruction_strict``, ``prompt_loos
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 from essa_hpc.config import Config
 from essa_hpc.tasks.base import Example, TaskError
@@ -67,13 +72,32 @@ class IFEvalTask(ScoredTask):
         self.loose = t.ifeval_loose
         pf = t.prompt_field or "prompt"
         default = shared_data_dir() / "ifeval" / "input_data.jsonl"
-        train, val = file_splits(
-            cfg,
-            lambda recs, src: to_ifeval_examples(recs, src, pf),
-            default if default.is_file() else None,
-            what=f" (no default copy at {default})",
+        benchmark = default if default.is_file() else None
+        # Training prompts are task.path, a file apart from the benchmark (the paper: 3,414 "IFEval-like"
+        # prompts); validation is task.val_path, else the whole benchmark. Without task.path the split
+        # below is the benchmark's own, kept for evaluation only: training_refusal stops any run on it.
+        self.training_refusal: str | None = None
+        if t.path is None:
+            self.training_refusal = (
+                "task.path: no IFEval training prompts given, and the IFEval benchmark's 541 prompts only validate "
+                "(the paper trains on 3,414 IFEval-like prompts); set task.path to a JSONL of prompts with "
+                "instruction_id_list and kwargs"
+            )
+        elif t.val_path is None and benchmark is not None:
+            if Path(t.path).resolve() == benchmark.resolve():
+                raise TaskError(f"task.path={t.path} is the IFEval benchmark itself; training prompts must be a separate file")
+            cfg = cfg.replace(**{"task.val_path": str(benchmark)})
+        train, val, sft = file_splits(
+            cfg, lambda recs, src: to_ifeval_examples(recs, src, pf), benchmark, what=f" (no default copy at {default})"
         )
-        super().__init__(train, val, t.failure_reward)
+        if t.path is not None:
+            shared = {e.prompt for e in train} & {e.prompt for e in val}
+            if shared:
+                raise TaskError(
+                    f"task.path={t.path}: {len(shared)} training prompt(s) are validation prompts too (e.g. {sorted(shared)[0][:60]!r}); "
+                    "training and benchmark prompts must be disjoint"
+                )
+        super().__init__(train, val, t.failure_reward, sft)
         self.system_prompt = t.system_prompt if t.system_prompt is not None else ASSISTANT_SYSTEM_PROMPT
         self._checkers: dict[tuple[str, str], list[Checker]] = {}
 

@@ -54,8 +54,8 @@ class MathTask(ScoredTask):
     def __init__(self, cfg: Config) -> None:
         t = cfg.task
         pf, af = t.prompt_field or "problem", t.answer_field
-        train, val = file_splits(cfg, lambda recs, src: to_math_examples(recs, src, pf, af))
-        super().__init__(train, val, t.failure_reward)
+        train, val, sft = file_splits(cfg, lambda recs, src: to_math_examples(recs, src, pf, af))
+        super().__init__(train, val, t.failure_reward, sft)
         self.system_prompt = t.system_prompt if t.system_prompt is not None else MATH_SYSTEM_PROMPT
         self.format_credit = float(t.format_credit)
 

@@ -177,13 +177,16 @@ class PluginTask:
         self.plugin = plugin
         self.timeout_s, self.failure_reward = t.reward_timeout_s, t.failure_reward
         pf, af = t.prompt_field or "prompt", t.answer_field
-        self._train, self._validation = file_splits(
+        self._train, self._validation, self._sft = file_splits(
             cfg, lambda recs, src: to_examples(recs, src, pf, af or "answer", answer_required=af is not None, response_field="response")
         )
         self.system_prompt = t.system_prompt
 
     def train(self) -> Sequence[Example]:
         return self._train
+
+    def sft_examples(self) -> Sequence[Example]:
+        return self._sft
 
     def validation(self) -> Sequence[Example]:
         return self._validation
@@ -207,6 +210,11 @@ class WithPlugins:
 
     def train(self) -> Sequence[Example]:
         return self.base.train()
+
+    def sft_examples(self) -> Sequence[Example]:
+        from essa_hpc.tasks.data import task_sft_split
+
+        return task_sft_split(self.base)
 
     def validation(self) -> Sequence[Example]:
         return self.base.validation()
