@@ -18,10 +18,16 @@ if TYPE_CHECKING:
 OPTIMIZERS = ("cma",)
 
 
-def make_optimizer(cfg: SearchSection, dim: int, seed: int) -> Optimizer:
-    """The optimizer ``cfg.optimizer`` for solution length ``dim``, seeded with ``seed`` (run.seed)."""
+def make_optimizer(cfg: SearchSection, dim: int, seed: int, seeded: bool = False) -> Optimizer:
+    """The optimizer ``cfg.optimizer`` for solution length ``dim``, seeded with ``seed`` (run.seed).
+
+    ``seeded``: the space's rows are seed codes (docs/design.md, "Search spaces"), which only an
+    optimizer that can express its update as seed codes (es) drives.
+    """
     if cfg.optimizer not in OPTIMIZERS:
         raise ValueError(f"search.optimizer: expected one of {OPTIMIZERS}, got {cfg.optimizer!r}")
+    if seeded:
+        raise ValueError(f"search.optimizer={cfg.optimizer} cannot drive the seeded search.space={cfg.space}")
     return CMAES(
         dim=dim,
         popsize=cfg.popsize,
