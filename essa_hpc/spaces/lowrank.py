@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from essa_hpc import noise
-from essa_hpc.spaces.base import COEF, GEN, INDEX, SEED_CODE_WIDTH, check_rows
+from essa_hpc.spaces.base import COEF, GEN, INDEX, SEED_CODE_WIDTH, RowModule, SpaceError, check_rows
 from essa_hpc.spaces.weights import Target, TargetWeights
 
 
@@ -73,8 +73,6 @@ class LowRankSpace:
         for t in self.weights.targets:
             m, n = t.shape
             if self.rank > min(m, n):
-                from essa_hpc.spaces.base import SpaceError
-
                 raise SpaceError(f"search.rank={self.rank} exceeds the dimensions {m}×{n} of {t.name}")
         self._wrapped: list[tuple[str, nn.Module, LowRankLinear]] = []
 
@@ -110,8 +108,8 @@ class LowRankSpace:
     def backend_view(self) -> LowRankSpace:
         return self
 
-    def wrap(self, model: Any, dtype: Any, device: Any) -> list[tuple[str, LowRankLinear]]:
-        out = []
+    def wrap(self, model: Any, dtype: Any, device: Any) -> list[tuple[str, RowModule]]:
+        out: list[tuple[str, RowModule]] = []
         for t in self.weights.targets:
             parent_path, _, leaf = t.name.rpartition(".")
             parent = model.get_submodule(parent_path) if parent_path else model
