@@ -28,7 +28,7 @@ def one_thread():
 
 
 def ids_and_mask(tok, prompts):
-    enc = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    enc = [list(tok([p], add_special_tokens=False)["input_ids"][0]) for p in prompts]
     W = max(map(len, enc))
     ids = torch.zeros((len(enc), W), dtype=torch.long)
     mask = torch.zeros((len(enc), W), dtype=torch.long)
