@@ -47,6 +47,7 @@ class State:
     trained: float = 0.0  # training seconds before this start, validation excluded (run.train_budget_s)
     best: Best = field(default_factory=Best)
     evals: list[tuple[int, dict[str, float]]] = field(default_factory=list)  # (generation, metrics) per validation
+    space: dict[str, Any] = field(default_factory=dict)  # Space.state_dict() (empty for vector spaces)
 
     def record_validation(self, gen: int, metrics: dict[str, float], vector: np.ndarray, primary: str) -> None:
         self.evals.append((gen, metrics))
@@ -62,12 +63,14 @@ class State:
             "trained": self.trained,
             "best": best,
             "evals": self.evals,
+            "space": self.space,
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> State:
-        # "trained" is absent in checkpoints written before run.train_budget_s existed
-        return cls(d["gen"], d["optimizer"], d["elapsed"], float(d.get("trained", 0.0)), Best(**d["best"]), d["evals"])
+        # "trained" is absent in checkpoints written before run.train_budget_s existed, "space" before search.space
+        trained, space = float(d.get("trained", 0.0)), dict(d.get("space") or {})
+        return cls(d["gen"], d["optimizer"], d["elapsed"], trained, Best(**d["best"]), d["evals"], space)
 
 
 def save_state(run_dir: Path, state: State, config_digest: str, config: dict[str, Any] | None = None) -> Path:

@@ -43,6 +43,11 @@ EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 TASK_NAMES = ("arithmetic", "gsm8k", "math", "ifeval", "reward_model", "fake")
 BACKEND_NAMES = ("hf", "vllm", "fake")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+# search.space -> the optimizers it supports (docs/design.md, "Search spaces"); the first is the default
+SEARCH_SPACES = {"svd_lora": ("cma", "es"), "lowrank": ("es",), "full": ("es",)}
+SEEDED_SPACES = ("lowrank", "full")  # spaces whose point is the model's weights (moved in place, never sent)
+FITNESS_SHAPING_NAMES = ("none", "centered_ranks", "zscore")
+ALL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 QUANTIZATIONS = ("none", "int8", "int4", "awq", "gptq", "fp8", "compressed-tensors", "bitsandbytes")
 
 
@@ -118,11 +123,17 @@ class SftSection:
 
 @dataclass(frozen=True)
 class SearchSection:
-    optimizer: str = _f("cma", "Optimizer name; cma (pycma) is the one implemented.")
+    optimizer: str = _f(
+        "cma", "Optimizer: cma (pycma CMA-ES) or es (OpenAI-ES/NES with antithetic pairs); search.space says which it supports."
+    )
+    space: str = _f(
+        "svd_lora",
+        "Search space: svd_lora (ESSA: the singular values of a LoRA adapter), lowrank (EGGROLL-style rank-search.rank perturbations of the base weights, a rank's population in one batched generate) or full (es-at-scale-style full-shape perturbations, one candidate at a time). lowrank and full need search.optimizer=es and backend.name=hf.",
+    )
     popsize: int = _f(16, "CMA-ES population λ (CPU default; paper Table 7: 24-96 on GPUs).")
     sigma0: float = _f(
         1.0,
-        "Initial CMA step size in units of the parametrization; relative: 1.0 moves each searched σ by about its factor's mean. Measured on the embedded default (greedy): random candidates at 0.3 changed no answer at all, at 1.0 ~10% of answers (mean cost ~2 points, best candidates +3-9), at 1.5 15%.",
+        "Initial CMA step size in units of the parametrization; relative: 1.0 moves each searched σ by about its factor's mean. Measured on the embedded default (greedy): random candidates at 0.3 changed no answer at all, at 1.0 ~10% of answers (mean cost ~2 points, best candidates +3-9), at 1.5 15%. es: the noise scale σ of generation 0 (see sigma_decay); seeded spaces perturb raw weights, so far smaller values (es-at-scale: 0.001).",
     )
     diagonal: bool = _f(
         True,
@@ -130,7 +141,15 @@ class SearchSection:
     )
     digest_every: int = _f(1, "Compare a hash of the optimizer state across ranks every this many generations.")
     digest_repair: bool = _f(False, "On a digest mismatch, copy rank 0's state instead of stopping the job.")
-    fitness_shaping: str = _f("none", "none (raw −reward) or centered_ranks.")
+    fitness_shaping: str = _f("none", "none (raw −reward), centered_ranks or zscore (es: standardized rewards, es-at-scale's).")
+    learning_rate: float = _f(0.05, "es: learning rate α of θ ← θ + α/(nσ) Σ F_i ε_i (generation 0; see lr_decay).")
+    lr_decay: float = _f(1.0, "es: α of generation g is learning_rate · lr_decay^g.")
+    sigma_decay: float = _f(1.0, "es: σ of generation g is sigma0 · sigma_decay^g (sigma0 is es's noise scale σ).")
+    antithetic: bool = _f(True, "es: mirrored pairs (ε, −ε) share one noise draw; needs an even search.popsize.")
+    rank: int = _f(1, "lowrank: rank r of each perturbation E = A Bᵀ/√r of a target matrix.")
+    targets: list[str] = _f(
+        list(ALL_TARGETS), "lowrank/full: names of the Linear modules perturbed (default: every attention and MLP projection)."
+    )
     common_random_numbers: bool = _f(
         False,
         "Sampling seeds per (generation, prompt), shared by all candidates, instead of per candidate: at backend.temperature > 0 candidates then differ by their effect alone, not by their sampling noise.",
@@ -557,14 +576,13 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
         "sft.batch_size",
         "expected batch_size >= 1, max_length >= 8, examples >= 1",
     )
-    need(s.optimizer == "cma", "search.optimizer", f"expected cma, got {s.optimizer!r}")
-    need(s.popsize >= 3, "search.popsize", f"expected a population of at least 3 (pycma's minimum; 4 from d = 300 on), got {s.popsize}")
+    _validate_space(cfg, need)
     need(s.sigma0 > 0 and math.isfinite(s.sigma0), "search.sigma0", f"expected a finite step size > 0, got {s.sigma0}")
     need(s.digest_every >= 1, "search.digest_every", f"expected >= 1, got {s.digest_every}")
     need(
-        s.fitness_shaping in ("none", "centered_ranks"),
+        s.fitness_shaping in FITNESS_SHAPING_NAMES,
         "search.fitness_shaping",
-        f"expected none or centered_ranks, got {s.fitness_shaping!r}",
+        f"expected one of {FITNESS_SHAPING_NAMES}, got {s.fitness_shaping!r}",
     )
     need(b.name in BACKEND_NAMES, "backend.name", f"expected one of {BACKEND_NAMES}, got {b.name!r}{_suggest(b.name, list(BACKEND_NAMES))}")
     need(b.max_new_tokens >= 1, "backend.max_new_tokens", f"expected >= 1, got {b.max_new_tokens}")
@@ -654,6 +672,59 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
 def _looks_local(path: str) -> bool:
     """A path-looking value must exist; "org/name" is a hub id, checked when the model loads."""
     return path.startswith(("/", "./", "../", "~")) or path.endswith(".gguf") or path.count("/") > 1
+
+
+def _validate_space(cfg: Config, need: Any) -> None:
+    """search.space, search.optimizer and what a space needs from the rest of the config."""
+    s, b, m = cfg.search, cfg.backend, cfg.model
+    spaces = tuple(SEARCH_SPACES)
+    need(s.space in SEARCH_SPACES, "search.space", f"expected one of {spaces}, got {s.space!r}{_suggest(s.space, list(spaces))}")
+    supported = SEARCH_SPACES[s.space]
+    known = sorted({o for opts in SEARCH_SPACES.values() for o in opts})
+    need(s.optimizer in known, "search.optimizer", f"expected one of {tuple(known)}, got {s.optimizer!r}")
+    need(
+        s.optimizer in supported,
+        "search.optimizer",
+        f"search.space={s.space} supports {' or '.join(supported)}, got {s.optimizer!r}",
+    )
+    if s.optimizer == "cma":
+        need(s.popsize >= 3, "search.popsize", f"expected a population of at least 3 (pycma's minimum; 4 from d = 300 on), got {s.popsize}")
+    else:
+        need(s.popsize >= 2, "search.popsize", f"expected a population of at least 2, got {s.popsize}")
+        need(
+            not s.antithetic or s.popsize % 2 == 0,
+            "search.popsize",
+            f"search.antithetic pairs candidates (ε, −ε): expected an even population, got {s.popsize}",
+        )
+        need(
+            s.learning_rate > 0 and math.isfinite(s.learning_rate),
+            "search.learning_rate",
+            f"expected a finite number > 0, got {s.learning_rate}",
+        )
+        need(0 < s.lr_decay <= 1, "search.lr_decay", f"expected 0 < lr_decay <= 1, got {s.lr_decay}")
+        need(0 < s.sigma_decay <= 1, "search.sigma_decay", f"expected 0 < sigma_decay <= 1, got {s.sigma_decay}")
+    if s.space in SEEDED_SPACES:
+        need(s.rank >= 1, "search.rank", f"expected a perturbation rank >= 1, got {s.rank}")
+        need(
+            len(s.targets) >= 1 and all(isinstance(t, str) and t for t in s.targets),
+            "search.targets",
+            f"expected module names, got {s.targets}",
+        )
+        need(
+            b.name == "hf",
+            "backend.name",
+            f"search.space={s.space} moves the base weights in place; it needs backend.name=hf, got {b.name!r}",
+        )
+        need(
+            m.quantization == "none",
+            "model.quantization",
+            f"search.space={s.space} adds float updates to the weights; it needs model.quantization=none, got {m.quantization!r}",
+        )
+        need(
+            not s.digest_repair,
+            "search.digest_repair",
+            f"search.space={s.space}: diverged weights cannot be copied from the (seed, reward) records; leave digest_repair off and resume from the checkpoint",
+        )
 
 
 def _validate_grpo(g: GrpoSection, need: Any) -> None:

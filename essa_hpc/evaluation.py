@@ -27,6 +27,7 @@ import numpy as np
 from essa_hpc import dist, metrics
 from essa_hpc.backends.base import Backend, Request
 from essa_hpc.config import Config
+from essa_hpc.spaces import Space, make_space
 from essa_hpc.tasks.base import Example, Task, TaskError
 
 
@@ -42,6 +43,7 @@ class Evaluator:
     summarize: Callable[[list[list[float]]], dict[str, float]]  # per-prompt rewards -> validation metrics
     train: Sequence[Example] = field(default_factory=list)
     validation: Sequence[Example] = field(default_factory=list)  # the prompts validate() scores
+    space: Space | None = None  # the search space (the run's; None for essa-evaluate's fixed adapter)
 
     @property
     def dim(self) -> int:
@@ -117,7 +119,8 @@ def build_evaluator(cfg: Config, comm: dist.Comm) -> Evaluator:
         from essa_hpc.backends.fake import FakeBackend
 
         train, val = task.train(), list(task.validation())[: cfg.eval.size]
-        return Evaluator(FakeBackend(cfg.backend), task, lambda ex: ex.prompt, None, metric_names, summarize, train, val)
+        fake = FakeBackend(cfg.backend)
+        return Evaluator(fake, task, lambda ex: ex.prompt, None, metric_names, summarize, train, val, make_space(cfg))
 
     from essa_hpc import svd_lora
     from essa_hpc.backends import make_backend
@@ -125,13 +128,18 @@ def build_evaluator(cfg: Config, comm: dist.Comm) -> Evaluator:
     train, val = training_split(task), list(task.validation())[: cfg.eval.size]
     sft_data = sft_examples(task, cfg) if cfg.lora.init == "sft" and not cfg.lora.adapter else []
     loaded = _load_model(cfg, comm)
+    if cfg.search.space != "svd_lora":  # a seeded space moves the base weights themselves: no adapter, no SFT
+        space = make_space(cfg, loaded)
+        backend = make_backend(cfg, loaded, space.backend_view())
+        return Evaluator(backend, task, _renderer(loaded, task), space.export, metric_names, summarize, train, val, space)
     svd = _search_space(cfg, comm, loaded, task, sft_data)
-    backend = make_backend(cfg, loaded, svd)
 
     def export(x: np.ndarray, out: Path) -> None:
         svd_lora.export_adapter(svd, x, out, base_model_name_or_path=cfg.model.path)
 
-    return Evaluator(backend, task, _renderer(loaded, task), export, metric_names, summarize, train, val)
+    space = make_space(cfg, loaded, svd, export)
+    backend = make_backend(cfg, loaded, space.backend_view())
+    return Evaluator(backend, task, _renderer(loaded, task), export, metric_names, summarize, train, val, space)
 
 
 def _search_space(cfg: Config, comm: dist.Comm, loaded: Any, task: Task, sft_data: Sequence[Example]) -> Any:

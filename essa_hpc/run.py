@@ -114,7 +114,7 @@ def bad_input_errors() -> tuple[type[BaseException], ...]:
     from essa_hpc.tasks.base import TaskError
 
     errors: list[type[BaseException]] = [RunError, checkpoint.CheckpointError, ConfigError, TaskError, LogFileError]
-    for module, name in (("essa_hpc.models", "ModelError"), ("essa_hpc.svd_lora", "AdapterError")):
+    for module, name in (("essa_hpc.models", "ModelError"), ("essa_hpc.svd_lora", "AdapterError"), ("essa_hpc.spaces", "SpaceError")):
         if module in sys.modules:
             errors.append(getattr(sys.modules[module], name))
     return tuple(errors)
@@ -139,6 +139,7 @@ def run(cfg: Config, comm: dist.Comm, resume: bool = False) -> int:
 
 def _run(cfg: Config, comm: dist.Comm, resume: bool, started: float, stop_flag: StopFlag) -> int:
     from essa_hpc import search
+    from essa_hpc.spaces import VectorSpace, state_digest
     from essa_hpc.tasks import minibatch
 
     threads = set_threads(cfg, comm)
@@ -147,10 +148,11 @@ def _run(cfg: Config, comm: dist.Comm, resume: bool, started: float, stop_flag: 
     if cfg.backend.name == "fake" and cfg.lora.adapter:
         say(comm, f"essa-run: warning: lora.adapter={cfg.lora.adapter} is ignored: backend.name=fake loads no model or adapter")
     popsize, batch_size, dim = cfg.search.popsize, cfg.task.batch_size, ev.dim
+    space = ev.space or VectorSpace(cfg.search.space, dim, export=ev.export)  # how a candidate becomes a model change
     if len(ev.train) < batch_size:
         raise RunError(f"task.batch_size={batch_size} but the training split has only {len(ev.train)} examples")
     try:
-        opt = search.make_optimizer(cfg.search, dim, cfg.run.seed)
+        opt = search.make_optimizer(cfg.search, dim, cfg.run.seed, seeded=space.seeded)
     except ValueError as e:
         raise RunError(str(e)) from None
     table = dist.assign(popsize, batch_size, comm.size)  # who scores what: the same table on every rank
@@ -162,6 +164,7 @@ def _run(cfg: Config, comm: dist.Comm, resume: bool, started: float, stop_flag: 
     )
     if resuming:
         opt.load_state_dict(state.optimizer)
+        space.load_state_dict(state.space)  # a seeded space replays its updates: the same weights bit for bit
     first_gen, elapsed_before, primary = state.gen, state.elapsed, ev.metric_names[0]
     log = open_log(cfg, comm, ev, resume_gen=first_gen if resuming else None)
     say(
@@ -190,7 +193,10 @@ def _run(cfg: Config, comm: dist.Comm, resume: bool, started: float, stop_flag: 
         say(comm, "  validation at start (x = 0, the warm start): " + ", ".join(f"{k}={v:.4f}" for k, v in m0.items()))
         if comm.rank == 0:  # from here on the run directory is resumable: a crash in generation 1 blocks no rerun
             checkpoint.save_state(
-                cfg.run_dir, dataclasses.replace(state, optimizer=opt.state_dict(), elapsed=clock()), cfg.digest(), cfg.to_dict()
+                cfg.run_dir,
+                dataclasses.replace(state, optimizer=opt.state_dict(), elapsed=clock(), space=space.state_dict()),
+                cfg.digest(),
+                cfg.to_dict(),
             )
 
     timer, reason, done = phases.Phases(), None, first_gen
@@ -200,7 +206,8 @@ def _run(cfg: Config, comm: dist.Comm, resume: bool, started: float, stop_flag: 
         timer.begin()
         with timer.time("other"):
             # 1. ask: the digest of the state before it rides in this generation's records (step 5)
-            digest = bytes.fromhex(opt.digest())[: dist.DIGEST_BYTES]
+            # (a seeded space adds a hash of its weights on the generations that check digests)
+            digest = bytes.fromhex(state_digest(opt.digest(), space, gen % cfg.search.digest_every == 0))[: dist.DIGEST_BYTES]
             population = opt.ask(gen)
             seeds = np.array([dist.candidate_seed(cfg.run.seed, gen, c) for c in range(popsize)], dtype=np.uint64)
             # 2. the minibatch: the same prompts on every rank, whatever the world size
@@ -226,6 +233,7 @@ def _run(cfg: Config, comm: dist.Comm, resume: bool, started: float, stop_flag: 
             if gen % cfg.search.digest_every == 0:
                 check_digests(cfg, comm, opt, got.digests, gen)
             opt.tell(population, -got.rewards)  # the optimizer minimizes
+            space.apply(opt)  # a seeded space adds the update to its weights; a vector space has nothing to do
 
         # 6. log, checkpoint, validate
         with timer.time("log"):
@@ -254,7 +262,9 @@ def _run(cfg: Config, comm: dist.Comm, resume: bool, started: float, stop_flag: 
         reason = "failed" if all_failed else stop_reason(cfg, done, got.stop, metrics)
         with timer.time("checkpoint"):
             if comm.rank == 0 and (done % cfg.log.checkpoint_every == 0 or reason is not None):
-                saved = dataclasses.replace(state, gen=done, optimizer=opt.state_dict(), elapsed=clock(), trained=trained())
+                saved = dataclasses.replace(
+                    state, gen=done, optimizer=opt.state_dict(), elapsed=clock(), trained=trained(), space=space.state_dict()
+                )
                 checkpoint.save_state(cfg.run_dir, saved, cfg.digest(), cfg.to_dict())
         if cfg.log.progress:
             say(comm, progress_line(cfg, comm, done, got, opt.sigma, timer, primary, metrics) + failed.progress(got))
@@ -272,9 +282,9 @@ def _run(cfg: Config, comm: dist.Comm, resume: bool, started: float, stop_flag: 
         say(comm, line)
     log.finish(np.stack(comm.allgather(timer.late())), opt.mean, state.best.vector)
     if comm.rank == 0 and exit_code == exit_codes.OK and ev.export is not None:
-        ev.export(opt.mean, cfg.run_dir / "adapter")
-        if state.best.vector is not None:
-            ev.export(state.best.vector, cfg.run_dir / "adapter_best")
+        space.export(opt.mean, cfg.run_dir / space.export_name)
+        if state.best.vector is not None and not space.seeded:  # a seeded space's past points are gone (their weights moved on)
+            space.export(state.best.vector, cfg.run_dir / f"{space.export_name}_best")
     comm.barrier()
     if comm.rank == 0 and exit_code == exit_codes.OK:
         summary(cfg, state, primary, getattr(ev.backend, "diagnostics", dict)())
@@ -586,6 +596,8 @@ def summary(cfg: Config, state: checkpoint.State, primary: str, backend: dict[st
     print(f"  log: {run_dir / 'log.h5'}")
     if (run_dir / "adapter").exists():
         print(f"  adapter (final mean): {run_dir / 'adapter'}")
+    if (run_dir / "model").exists():
+        print(f"  model (final weights, HF folder; the delta alone in model/delta): {run_dir / 'model'}")
     if (run_dir / "adapter_best").exists():
         print(f"  adapter (best validation, generation {best.gen}): {run_dir / 'adapter_best'}")
     if evals:

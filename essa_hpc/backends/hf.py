@@ -51,6 +51,7 @@ import torch
 from torch import nn
 
 from essa_hpc.backends.base import Completion, GenerationArgs, Request, resolve_generation
+from essa_hpc.spaces.base import BatchedPerturbation, RowModule, SequentialPerturbation, distinct
 from essa_hpc.svd_lora import LoraModuleSVD, SvdLora
 
 COMPACT_FRACTION = 0.25  # drop finished rows from the batch once this fraction of the active rows is done
@@ -82,6 +83,14 @@ class SvdLoraLinear(nn.Module):
 
     def set_rows(self, sa: torch.Tensor | None, sb: torch.Tensor | None) -> None:
         self.sa, self.sb = sa, sb
+
+    def select(self, table: tuple[torch.Tensor, torch.Tensor], rows: torch.Tensor) -> None:
+        """Batch row i runs candidate ``rows[i]`` of the (σ_A, s·σ_B) table (spaces.base.RowModule)."""
+        sa, sb = table
+        self.set_rows(sa.index_select(0, rows), sb.index_select(0, rows))
+
+    def clear(self) -> None:
+        self.set_rows(None, None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
@@ -118,13 +127,18 @@ class HFBackend:
     ``generate(vectors, requests)`` evaluates all candidates of this rank in one batched decode loop,
     chunked only by ``max_batch_sequences``. ``svd=None`` evaluates the plain base model (any vectors
     of shape [n, 0] or None).
+
+    ``svd`` is a search space's backend view (docs/design.md, "Search spaces"): an ``SvdLora`` (the
+    σ-table wrappers above), a ``BatchedPerturbation`` (the space's own per-row wrappers, the same one
+    batched loop) or a ``SequentialPerturbation`` (requests grouped by candidate, each group decoded
+    while the space holds that candidate's weights).
     """
 
     def __init__(
         self,
         model: Any,
         tokenizer: Any,
-        svd: SvdLora | None,
+        svd: SvdLora | BatchedPerturbation | SequentialPerturbation | None,
         *,
         max_new_tokens: int = 48,
         temperature: float = 0.0,
@@ -155,13 +169,16 @@ class HFBackend:
         self.context = int(getattr(model.config, "max_position_embeddings", 0) or 0) or 10**9
         self.pad_id = self._pad_id()
         self.eos_ids = self._eos_ids()
-        self.wrappers: list[SvdLoraLinear] = []
+        self.wrappers: list[RowModule] = []
         self._originals: list[tuple[str, nn.Module]] = []
-        if svd is not None:
+        self.sequential = svd if isinstance(svd, SequentialPerturbation) and not isinstance(svd, SvdLora) else None
+        if isinstance(svd, SvdLora):
             self._patch(svd)
+        elif isinstance(svd, BatchedPerturbation):
+            self.wrappers = [w for _, w in svd.wrap(self.model, self.adapter_dtype, self.device)]
 
     @classmethod
-    def from_config(cls, cfg: Any, loaded: Any, svd: SvdLora | None) -> HFBackend:
+    def from_config(cls, cfg: Any, loaded: Any, svd: Any) -> HFBackend:
         """From a Config (backend section) and a models.Loaded."""
         b = cfg.backend
         return cls(
@@ -201,6 +218,8 @@ class HFBackend:
 
     def close(self) -> None:
         """Put the original layers back (the model is the plain base model again)."""
+        if isinstance(self.svd, BatchedPerturbation) and not isinstance(self.svd, SvdLora):
+            self.svd.unwrap(self.model)
         for name, base in reversed(self._originals):
             parent, leaf = _parent(self.model, name)
             setattr(parent, leaf, base)
@@ -209,9 +228,12 @@ class HFBackend:
 
     # ----------------------------------------------------------------------------------------- tables
 
-    def sigma_tables(self, vectors: np.ndarray) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per wrapper (σ_A[c, 1, r], s·σ_B[c, 1, r]) in the adapter dtype on the model's device."""
-        if self.svd is None:
+    def sigma_tables(self, vectors: np.ndarray) -> list[Any]:
+        """Per wrapper (σ_A[c, 1, r], s·σ_B[c, 1, r]) in the adapter dtype on the model's device (a
+        batched space: its own per-candidate tables; a sequential one: none)."""
+        if isinstance(self.svd, BatchedPerturbation) and not isinstance(self.svd, SvdLora):
+            return self.svd.tables(vectors, self.adapter_dtype, self.device)
+        if not isinstance(self.svd, SvdLora):
             return []
         out = []
         for w, (sa, sb) in zip(self.wrappers, self.svd.sigma_batch(vectors)):
@@ -221,19 +243,19 @@ class HFBackend:
         return out
 
     @contextmanager
-    def rows(self, tables: list[tuple[torch.Tensor, torch.Tensor]], candidates: torch.Tensor) -> Iterator[None]:
+    def rows(self, tables: list[Any], candidates: torch.Tensor) -> Iterator[None]:
         """Within the block, batch row i runs candidate ``candidates[i]``."""
         try:
             self._select(tables, candidates)
             yield
         finally:
             for w in self.wrappers:
-                w.set_rows(None, None)
+                w.clear()
 
-    def _select(self, tables: list[tuple[torch.Tensor, torch.Tensor]], candidates: torch.Tensor) -> None:
+    def _select(self, tables: list[Any], candidates: torch.Tensor) -> None:
         idx = candidates.to(self.device)
-        for w, (sa, sb) in zip(self.wrappers, tables):
-            w.set_rows(sa.index_select(0, idx), sb.index_select(0, idx))
+        for w, table in zip(self.wrappers, tables):
+            w.select(table, idx)
 
     def check_vectors(self, vectors: np.ndarray | None, n_requests_hint: int = 0) -> np.ndarray:
         if vectors is None:
@@ -259,17 +281,30 @@ class HFBackend:
     ) -> torch.Tensor:
         """Full-sequence logits with row i under candidate ``candidates[i]`` (for tests and scoring)."""
         X = self.check_vectors(vectors)
-        cand = torch.as_tensor(list(candidates), dtype=torch.long)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        if self.sequential is not None:  # one candidate's rows at a time, under its weights
+            out = None
+            for c in distinct(candidates):
+                sel = torch.tensor([i for i, ci in enumerate(candidates) if int(ci) == c])
+                with self.sequential.perturbed(X[c]):
+                    logits = self._plain_logits(input_ids[sel], attention_mask[sel])
+                out = logits.new_empty((len(candidates), *logits.shape[1:])) if out is None else out
+                out[sel.to(out.device)] = logits
+            assert out is not None
+            return out
+        cand = torch.as_tensor(list(candidates), dtype=torch.long)
         with self.rows(self.sigma_tables(X), cand):
-            out = self.model(
-                input_ids=input_ids.to(self.device),
-                attention_mask=attention_mask.to(self.device),
-                position_ids=pos.to(self.device),
-                use_cache=False,
-            )
+            return self._plain_logits(input_ids, attention_mask)
+
+    def _plain_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        out = self.model(
+            input_ids=input_ids.to(self.device),
+            attention_mask=attention_mask.to(self.device),
+            position_ids=pos.to(self.device),
+            use_cache=False,
+        )
         return out.logits
 
     # ----------------------------------------------------------------------------------------- generate
@@ -316,9 +351,31 @@ class HFBackend:
                     f"request {i} (candidate {requests[i].candidate}): the prompt has {len(t)} tokens, "
                     f"the model's context is {self.context} (max_position_embeddings); shorten the prompt"
                 )
-        tables = self.sigma_tables(X)
-        order = sorted(range(len(requests)), key=lambda i: len(ids[i])) if self.sort_by_length else list(range(len(requests)))
         results: list[list[int]] = [[] for _ in requests]
+        if self.sequential is not None:  # one candidate at a time, its requests in one batched loop
+            for c in distinct(r.candidate for r in requests):
+                group = [i for i, r in enumerate(requests) if int(r.candidate) == c]
+                with self.sequential.perturbed(X[c]):
+                    self._decode_all([], ids, requests, group, results, max_new, temp, tp, no_eos)
+            return results
+        self._decode_all(self.sigma_tables(X), ids, requests, list(range(len(requests))), results, max_new, temp, tp, no_eos)
+        return results
+
+    def _decode_all(
+        self,
+        tables: list[Any],
+        ids: list[list[int]],
+        requests: Sequence[Request],
+        subset: list[int],
+        results: list[list[int]],
+        max_new: int,
+        temp: float,
+        top_p: float,
+        no_eos: bool,
+    ) -> None:
+        """Decode the requests ``subset`` (indices into ``requests``) in chunks of max_batch_sequences."""
+        tp = top_p
+        order = sorted(subset, key=lambda i: len(ids[i])) if self.sort_by_length else list(subset)
         step = self.max_batch_sequences
         for start in range(0, len(order), step):
             chunk = order[start : start + step]
@@ -334,7 +391,6 @@ class HFBackend:
             )
             for i, t in zip(chunk, toks):
                 results[i] = t
-        return results
 
     def _tokenize(self, prompts: list[str]) -> list[list[int]]:
         enc = self.tokenizer(prompts, add_special_tokens=False)
@@ -404,7 +460,7 @@ class HFBackend:
     @torch.inference_mode()
     def _decode_chunk(
         self,
-        tables: list[tuple[torch.Tensor, torch.Tensor]],
+        tables: list[Any],
         prompts: list[list[int]],
         cands: list[int],
         seeds: list[int],
@@ -480,11 +536,11 @@ class HFBackend:
                 next_pos = next_pos + 1
         finally:
             for w in self.wrappers:
-                w.set_rows(None, None)
+                w.clear()
         return out
 
 
-def create(cfg: Any, loaded: Any, svd: SvdLora | None) -> HFBackend:
+def create(cfg: Any, loaded: Any, svd: Any) -> HFBackend:
     """make_backend's entry: quantize the base model as ``model.quantization`` asks, then wrap it."""
     if loaded is None:
         raise ValueError("backend.name=hf needs a loaded model (models.load)")

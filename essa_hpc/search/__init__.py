@@ -7,11 +7,13 @@ across ranks and ``state_dict()`` / ``load_state_dict()`` checkpoint it.
 
 from essa_hpc.search.base import FITNESS_SHAPINGS, Optimizer, OptimizerError, centered_ranks, check_fitness, shape_fitness
 from essa_hpc.search.cma_es import BLAS_PINNING, CMAES
+from essa_hpc.search.es import ES
 from essa_hpc.search.factory import OPTIMIZERS, make_optimizer
 
 __all__ = [
     "BLAS_PINNING",
     "CMAES",
+    "ES",
     "FITNESS_SHAPINGS",
     "OPTIMIZERS",
     "Optimizer",

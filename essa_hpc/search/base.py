@@ -17,7 +17,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-FITNESS_SHAPINGS = ("none", "centered_ranks")
+FITNESS_SHAPINGS = ("none", "centered_ranks", "zscore")
 
 
 class OptimizerError(RuntimeError):
@@ -112,10 +112,20 @@ def centered_ranks(fitness: np.ndarray) -> np.ndarray:
     return ranks / (n - 1) - 0.5
 
 
+def zscore(fitness: np.ndarray) -> np.ndarray:
+    """(f − mean f) / std f, es-at-scale's reward normalization; all zeros when every value is equal
+    (no signal, so no step), never a division by zero."""
+    f = np.asarray(fitness, dtype=np.float64)
+    sd = float(f.std())
+    return np.zeros_like(f) if sd == 0.0 or not np.isfinite(sd) else (f - f.mean()) / sd
+
+
 def shape_fitness(fitness: np.ndarray, mode: str) -> np.ndarray:
-    """Apply ``search.fitness_shaping`` (``none`` or ``centered_ranks``) to a checked fitness vector."""
+    """Apply ``search.fitness_shaping`` (``none``, ``centered_ranks`` or ``zscore``) to a checked fitness vector."""
     if mode == "none":
         return fitness
     if mode == "centered_ranks":
         return centered_ranks(fitness)
+    if mode == "zscore":
+        return zscore(fitness)
     raise ValueError(f"search.fitness_shaping: expected one of {FITNESS_SHAPINGS}, got {mode!r}")
