@@ -83,8 +83,8 @@ PERTURB = """
 import os, sys
 import essa_hpc.search as search
 orig = search.make_optimizer
-def patched(cfg, dim, seed):
-    opt = orig(cfg, dim, seed)
+def patched(cfg, dim, seed, **kw):
+    opt = orig(cfg, dim, seed, **kw)
     if os.environ.get("PMI_RANK") == "1":
         tell = opt.tell
         def bad_tell(X, f):
