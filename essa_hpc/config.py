@@ -123,7 +123,7 @@ class SearchSection:
     popsize: int = _f(16, "CMA-ES population λ (CPU default; paper Table 7: 24-96 on GPUs).")
     sigma0: float = _f(
         1.0,
-        "Initial CMA step size in units of the parametrization; relative: 1.0 moves each searched σ by about its factor's mean. Measured on the embedded default (greedy): random candidates at 0.3 changed no answer at all, at 1.0 ~10% of answers (mean cost ~2 points, best candidates +3-9), at 1.5 15%.",
+        "Initial CMA step size in units of the parametrization; relative: 1.0 moves each searched σ by about its factor's mean. Measured on the embedded default (greedy): random candidates at 0.3 changed no answer at all, at 1.0 ~10% of answers (mean cost ~2 points, best candidates +3-9), at 1.5 15%. es: the noise scale σ of generation 0 (see sigma_decay); seeded spaces perturb raw weights, so far smaller values (es-at-scale: 0.001).",
     )
     diagonal: bool = _f(True, "sep-CMA (diagonal covariance): linear cost in d; full CMA is O(d²) memory and O(d³) per eigendecomposition.")
     digest_every: int = _f(1, "Compare a hash of the optimizer state across ranks every this many generations.")

@@ -10,11 +10,12 @@ For target matrix i (W_i: m×n, y = x W_iᵀ) and noise index k of generation g 
     (LR-4)  update rows (g, k, w_k):  W_i ← W_i + Σ_k w_k E_k,i = W_i + (A_cat diag(w) B_catᵀ) / √r
 
 (LR-3) is what the batched forward computes: the population shares the base weights and each batch
-row adds its own rank-r term. With C candidates on a rank, ``LowRankLinear`` holds B_all = [B_1 … B_C]
-(n × C·r) and A_all = [c_1 A_1 … c_C A_C]ᵀ/√r (C·r × m) and gives row j the block of its candidate with
-a 0/1 mask: ((x B_all) ⊙ mask_j) A_all, one matmul pair for the whole batch whatever the candidate
-mix (cost n·C·r + C·r·m per token next to the base n·m). The update (LR-4) is full-rank, formed in
-float32 and added to every rank's weights.
+row adds its own rank-r term. With C candidates on a rank, ``LowRankLinear`` holds the stacks
+B[c] = B_c (C × n × r) and A[c] = (c_c/√r) A_cᵀ (C × r × m); in each forward it gathers every batch
+row's factors and adds bmm(bmm(x, B[row]), A[row]): cost (n + m)·r per token next to the base n·m,
+whatever the number of candidates, and a row's term is computed from its own factors alone (no other
+candidate's columns enter its reductions). The gathered factors live only during one layer's forward.
+The update (LR-4) is full-rank, formed in float32 and added to every rank's weights.
 """
 
 from __future__ import annotations
@@ -27,36 +28,35 @@ import torch
 from torch import nn
 
 from essa_hpc import noise
-from essa_hpc.spaces.base import COEF, GEN, INDEX, SEED_CODE_WIDTH, check_rows
+from essa_hpc.spaces.base import COEF, GEN, INDEX, SEED_CODE_WIDTH, RowModule, SpaceError, check_rows
 from essa_hpc.spaces.weights import Target, TargetWeights
 
 
 class LowRankLinear(nn.Module):
-    """``base(x) + ((x B_all) ⊙ mask[row]) A_all``: a batch row's own rank-r term (module doc, LR-3)."""
+    """``base(x) + bmm(bmm(x, B[row]), A[row])``: a batch row's own rank-r term (module doc, LR-3)."""
 
     def __init__(self, base: nn.Module, name: str, rank: int) -> None:
         super().__init__()
         self.base, self.name, self.rank = base, name, rank
-        self.B: torch.Tensor | None = None  # [n, C·r]
-        self.A: torch.Tensor | None = None  # [C·r, m], coefficient/√r folded in
-        self.mask: torch.Tensor | None = None  # [rows, 1, C·r]
+        self.B: torch.Tensor | None = None  # [C, n, r]
+        self.A: torch.Tensor | None = None  # [C, r, m], coefficient/√r folded in
+        self.rows: torch.Tensor | None = None  # [batch rows]: the candidate of each
 
     def select(self, table: tuple[torch.Tensor, torch.Tensor], rows: torch.Tensor) -> None:
         self.B, self.A = table
-        block = torch.arange(self.B.shape[1], device=rows.device) // self.rank
-        self.mask = (block[None, :] == rows[:, None]).to(self.B.dtype).unsqueeze(1)
+        self.rows = rows
 
     def clear(self) -> None:
-        self.B = self.A = self.mask = None
+        self.B = self.A = self.rows = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        if self.B is None or self.A is None or self.mask is None:
+        if self.B is None or self.A is None or self.rows is None:
             return y
-        if x.dim() != 3 or x.shape[0] != self.mask.shape[0]:
-            raise RuntimeError(f"{self.name}: input {tuple(x.shape)} does not match the {self.mask.shape[0]} rows selected")
-        h = (x.to(self.B.dtype) @ self.B) * self.mask
-        return y + (h @ self.A).to(y.dtype)
+        if x.dim() != 3 or x.shape[0] != self.rows.shape[0]:
+            raise RuntimeError(f"{self.name}: input {tuple(x.shape)} does not match the {self.rows.shape[0]} rows selected")
+        h = torch.bmm(x.to(self.B.dtype), self.B.index_select(0, self.rows))  # [rows, T, r]
+        return y + torch.bmm(h, self.A.index_select(0, self.rows)).to(y.dtype)
 
 
 class LowRankSpace:
@@ -73,8 +73,6 @@ class LowRankSpace:
         for t in self.weights.targets:
             m, n = t.shape
             if self.rank > min(m, n):
-                from essa_hpc.spaces.base import SpaceError
-
                 raise SpaceError(f"search.rank={self.rank} exceeds the dimensions {m}×{n} of {t.name}")
         self._wrapped: list[tuple[str, nn.Module, LowRankLinear]] = []
 
@@ -110,8 +108,8 @@ class LowRankSpace:
     def backend_view(self) -> LowRankSpace:
         return self
 
-    def wrap(self, model: Any, dtype: Any, device: Any) -> list[tuple[str, LowRankLinear]]:
-        out = []
+    def wrap(self, model: Any, dtype: Any, device: Any) -> list[tuple[str, RowModule]]:
+        out: list[tuple[str, RowModule]] = []
         for t in self.weights.targets:
             parent_path, _, leaf = t.name.rpartition(".")
             parent = model.get_submodule(parent_path) if parent_path else model
@@ -129,8 +127,8 @@ class LowRankSpace:
         self._wrapped.clear()
 
     def tables(self, X: np.ndarray, dtype: Any, device: Any) -> list[Any]:
-        """Per target (B_all [n, C·r], A_all [C·r, m]) for population rows X (module doc); [] when no
-        row perturbs anything (validation of the current weights), so the wrappers stay plain layers."""
+        """Per target the stacks (B [C, n, r], A [C, r, m]) for population rows X (module doc); [] when
+        no row perturbs anything (validation of the current weights), so the wrappers stay plain layers."""
         rows = check_rows(X, SEED_CODE_WIDTH)
         if not np.any(rows[:, COEF]):
             return []
@@ -141,7 +139,7 @@ class LowRankSpace:
                 A, B = self.factors(t, int(r[GEN]), int(r[INDEX]))
                 Bs.append(B)
                 As.append((float(r[COEF]) / math.sqrt(self.rank)) * A.T)
-            out.append((torch.cat(Bs, dim=1).to(device, dtype), torch.cat(As, dim=0).to(device, dtype)))
+            out.append((torch.stack(Bs).to(device, dtype), torch.stack(As).to(device, dtype)))
         return out
 
     # -- the Space protocol ------------------------------------------------------------------------------

@@ -156,7 +156,7 @@ class TargetWeights:
                     key = w + "." + key[len(w) + len(".base.") :]
             state[key] = value
         with atomic_dir(out) as tmp:
-            model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+            model.save_pretrained(tmp, state_dict=state)  # safetensors (transformers 5 writes nothing else)
             if tok is not None:
                 tok.save_pretrained(tmp)
             (tmp / DELTA_DIR).mkdir()
