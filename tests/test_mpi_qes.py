@@ -99,7 +99,8 @@ def test_qes_codes_and_residuals_identical_on_1_2_3_ranks_and_across_resume(tiny
     for name in ("n2cut", "n3"):
         got, state = logged(tmp_path / name), space_state(tmp_path / name)
         assert np.array_equal(got["gen/rewards"], base["gen/rewards"]), name
-        assert np.array_equal(got["eval/mean_reward"], base["eval/mean_reward"]), name
+        # the validations at the start and at the end (n2cut also validated when its first stage ended)
+        assert got["eval/mean_reward"][[0, -1]].tolist() == base["eval/mean_reward"][[0, -1]].tolist(), name
         assert state["updates"] == 4
         for a, b in zip(state["codes"], base_state["codes"], strict=True):
             assert np.array_equal(a, b), name

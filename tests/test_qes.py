@@ -65,7 +65,7 @@ def test_layouts_found_with_their_ranges(scheme: str, lo: int, hi: int, layout: 
 def test_unquantized_and_unsupported_models_are_refused() -> None:
     with pytest.raises(qes.QESError, match=r"model\.quantization"):
         qes.find_codes(tiny_model(hidden_size=32, layers=1).model)
-    from torchao.dtypes import to_nf4
+    from torchao.quantization import to_nf4
 
     model = tiny_model(hidden_size=32, layers=1).model
     lin = model.model.layers[0].self_attn.q_proj
