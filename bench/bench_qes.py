@@ -71,6 +71,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     from essa_hpc.backends.hf import HFBackend
     from essa_hpc.search.es import ES
     from essa_hpc.spaces import qes
+    from essa_hpc.spaces.base import SEED_CODE_WIDTH
 
     loaded = load(args.model, args.scheme)
     hf = HFBackend(loaded.model, loaded.tokenizer, None, max_new_tokens=args.tokens, ignore_eos=True)
@@ -79,7 +80,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     space = None
     if args.child != "plain":
         space = qes.QESSpace(qes.find_codes(loaded.model), 1, window=args.window, residual=args.child)
-    opt = ES(qes.SEED_CODE_WIDTH, args.popsize, args.sigma, args.lr, 1, fitness_shaping="centered_ranks", seeded=True)
+    opt = ES(SEED_CODE_WIDTH, args.popsize, args.sigma, args.lr, 1, fitness_shaping="centered_ranks", seeded=True)
     hf.generate(None, requests[:1], max_new_tokens=2)  # warm-up (first-call allocations)
     rows = []
     for g in range(args.generations):

@@ -135,7 +135,7 @@ def find_codes(model: nn.Module) -> list[Codes]:
                 raise QESError(f"model.quantization: layer {name} quantizes activations too ({layout}); QES needs weight-only int8")
             lo, hi = _int_range(torch.int8)
         elif layout == "IntxUnpackedToInt8Tensor" and isinstance(qdata, torch.Tensor) and qdata.dtype == torch.int8:
-            lo, hi = _int_range(w.target_dtype)
+            lo, hi = _int_range(getattr(w, "target_dtype", None))
         else:
             raise QESError(
                 f"model.quantization: layer {name} stores its weight as {layout}, a layout QES cannot perturb in place; "
