@@ -91,7 +91,7 @@ def test_qes_codes_and_residuals_identical_on_1_2_3_ranks_and_across_resume(tiny
     runs = {"n1": (1, [4], []), "n2cut": (2, [2, 4], stored), "n3": (3, [4], [])}
     for name, (ranks, stages, extra) in runs.items():
         for gens in stages:
-            r = run_cli(qes_args(root, tmp_path, name, "--set", f"run.generations={gens}", *extra), REPO, ranks=ranks, env=env)
+            r = run_cli(qes_args(root, tmp_path, name, "--set", f"run.generations={gens}", *extra), REPO, ranks=ranks, env=env, timeout=900)
             assert r.returncode == 0, r.stdout + r.stderr
             assert gens == stages[0] or f"resuming at generation {stages[0]}" in r.stdout, r.stdout
     base, base_state = logged(tmp_path / "n1"), space_state(tmp_path / "n1")
