@@ -44,7 +44,7 @@ TASK_NAMES = ("arithmetic", "gsm8k", "math", "ifeval", "reward_model", "fake")
 BACKEND_NAMES = ("hf", "vllm", "fake")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 # search.space -> the optimizers it supports (docs/design.md, "Search spaces"); the first is the default
-SEARCH_SPACES = {"svd_lora": ("cma", "es"), "lowrank": ("es",), "full": ("es",)}
+SEARCH_SPACES = {"svd_lora": ("cma", "es"), "lowrank": ("es",), "full": ("es",), "qes": ("es",)}
 SEEDED_SPACES = ("lowrank", "full")  # spaces whose point is the model's weights (moved in place, never sent)
 FITNESS_SHAPING_NAMES = ("none", "centered_ranks", "zscore")
 ALL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -128,7 +128,7 @@ class SearchSection:
     )
     space: str = _f(
         "svd_lora",
-        "Search space: svd_lora (ESSA: the singular values of a LoRA adapter), lowrank (EGGROLL-style rank-search.rank perturbations of the base weights, a rank's population in one batched generate) or full (es-at-scale-style full-shape perturbations, one candidate at a time). lowrank and full need search.optimizer=es and backend.name=hf.",
+        "Search space: svd_lora (ESSA: the singular values of a LoRA adapter), lowrank (EGGROLL-style rank-search.rank perturbations of the base weights, a rank's population in one batched generate) or full (es-at-scale-style full-shape perturbations, one candidate at a time). lowrank and full need search.optimizer=es and backend.name=hf. qes: the integer codes of a model quantized with model.quantization int8/int4 (search.optimizer=es, sigma0 in code units; docs/design.md, QES).",
     )
     popsize: int = _f(16, "CMA-ES population λ (CPU default; paper Table 7: 24-96 on GPUs).")
     sigma0: float = _f(
@@ -150,6 +150,11 @@ class SearchSection:
     targets: list[str] = _f(
         list(ALL_TARGETS), "lowrank/full: names of the Linear modules perturbed (default: every attention and MLP projection)."
     )
+    qes_window: int = _f(
+        16, "qes: K, updates between resets of the error-feedback residual; replay rebuilds it from at most K-1 past updates."
+    )
+    qes_residual: str = _f("replay", "qes: replay (rebuild the residual from seeds, memory-lean) or stored (keep it, 4 bytes per code).")
+    qes_decay: float = _f(1.0, "qes: γ, the residual's decay per update (1 = plain error feedback).")
     common_random_numbers: bool = _f(
         False,
         "Sampling seeds per (generation, prompt), shared by all candidates, instead of per candidate: at backend.temperature > 0 candidates then differ by their effect alone, not by their sampling noise.",
@@ -703,6 +708,8 @@ def _validate_space(cfg: Config, need: Any) -> None:
         )
         need(0 < s.lr_decay <= 1, "search.lr_decay", f"expected 0 < lr_decay <= 1, got {s.lr_decay}")
         need(0 < s.sigma_decay <= 1, "search.sigma_decay", f"expected 0 < sigma_decay <= 1, got {s.sigma_decay}")
+    if s.space == "qes":
+        _validate_qes(cfg, need)
     if s.space in SEEDED_SPACES:
         need(s.rank >= 1, "search.rank", f"expected a perturbation rank >= 1, got {s.rank}")
         need(
@@ -725,6 +732,36 @@ def _validate_space(cfg: Config, need: Any) -> None:
             "search.digest_repair",
             f"search.space={s.space}: diverged weights cannot be copied from the (seed, reward) records; leave digest_repair off and resume from the checkpoint",
         )
+
+
+def _validate_qes(cfg: Config, need: Any) -> None:
+    """search.space=qes: a model the hf backend quantizes in a layout QES perturbs in place (docs/design.md, QES)."""
+    m, s = cfg.model, cfg.search
+    need(
+        m.quantization in ("int8", "int4"),
+        "model.quantization",
+        f"search.space=qes searches the integer codes of a quantized model: expected int8 or int4, got {m.quantization!r}",
+    )
+    need(
+        cfg.backend.name == "hf",
+        "backend.name",
+        f"search.space=qes perturbs the hf backend's torchao codes in place; expected hf, got {cfg.backend.name!r}",
+    )
+    need(
+        not (m.quantization == "int4" and m.device.startswith("cuda") and m.dtype in ("bfloat16", "auto")),
+        "model.quantization",
+        "int4 on CUDA with bfloat16 is torchao's packed Int4Tensor (two codes per byte), a layout QES does not perturb; "
+        "set model.dtype=float32 or float16 (one int4 code per byte) or use int8",
+    )
+    need(s.antithetic, "search.antithetic", "search.space=qes evaluates antithetic pairs (its masking keeps ±u exact); leave it true")
+    need(s.qes_window >= 1, "search.qes_window", f"expected K >= 1 updates between residual resets, got {s.qes_window}")
+    need(s.qes_residual in ("replay", "stored"), "search.qes_residual", f"expected replay or stored, got {s.qes_residual!r}")
+    need(0 <= s.qes_decay <= 1, "search.qes_decay", f"expected 0 <= γ <= 1, got {s.qes_decay}")
+    need(
+        not s.digest_repair,
+        "search.digest_repair",
+        "search.space=qes: diverged codes cannot be copied from the (seed, reward) records; leave digest_repair off",
+    )
 
 
 def _validate_grpo(g: GrpoSection, need: Any) -> None:

@@ -78,6 +78,12 @@ def quantize_model(model: nn.Module, scheme: str, skip: tuple[str, ...] = SKIP) 
     return model
 
 
+def mark_quantized(model: nn.Module, scheme: str) -> None:
+    """Record that ``model`` was loaded already quantized as ``scheme`` (a pre-quantized folder), so that
+    ``quantize_model`` leaves it as it is."""
+    setattr(model, _MARK, scheme)
+
+
 def quantization_of(model: nn.Module) -> str:
     """The scheme quantize_model applied to ``model`` ("none" if it did not)."""
     return str(getattr(model, _MARK, "none"))

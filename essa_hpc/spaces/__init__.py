@@ -23,7 +23,7 @@ from essa_hpc.spaces.base import (
 from essa_hpc.spaces.vector import VectorSpace
 
 # search.space -> module with create(cfg, loaded) -> Space, for the seeded spaces
-SEEDED = {"lowrank": "essa_hpc.spaces.lowrank", "full": "essa_hpc.spaces.full"}
+SEEDED = {"lowrank": "essa_hpc.spaces.lowrank", "full": "essa_hpc.spaces.full", "qes": "essa_hpc.spaces.qes"}
 
 __all__ = [
     "SEEDED",
