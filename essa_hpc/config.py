@@ -16,6 +16,7 @@ import dataclasses
 import difflib
 import functools
 import hashlib
+import importlib.util
 import json
 import math
 import re
@@ -44,6 +45,7 @@ TASK_NAMES = ("arithmetic", "gsm8k", "math", "ifeval", "reward_model", "fake")
 BACKEND_NAMES = ("hf", "vllm", "fake")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZATIONS = ("none", "int8", "int4", "awq", "gptq", "fp8", "compressed-tensors", "bitsandbytes")
+REPORT_TO = ("none", "tensorboard", "wandb")  # log.report_to (essa_hpc/tracker.py)
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,7 @@ class LoraSection:
         "relative",
         "How a search vector x moves singular values: offset (σ = σ_sft + x), relative (σ = σ_sft + x·mean(σ_sft of that factor)) or multiplicative (σ = σ_sft·exp(x)).",
     )
+    export_dtype: str = _f("auto", "dtype of the exported adapters' weights: auto (the base model's dtype), float32, bfloat16 or float16.")
 
 
 @dataclass(frozen=True)
@@ -189,6 +192,11 @@ class EvalSection:
 class LogSection:
     checkpoint_every: int = _f(5, "Checkpoint period in generations.")
     progress: bool = _f(True, "Rank 0 prints one status line per generation.")
+    report_to: str = _f(
+        "none",
+        "Mirror the HDF5 log rows to a tracker on rank 0: none, tensorboard (<run dir>/tensorboard) or wandb (offline unless WANDB_MODE is set).",
+    )
+    wandb_project: str = _f("essa_hpc", "W&B project of log.report_to=wandb.")
 
 
 GRPO_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
@@ -238,11 +246,23 @@ class Config:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
 
-    def digest(self, ignore: tuple[str, ...] = ("run.generations", "run.time_budget_s", "run.train_budget_s", "run.overwrite")) -> str:
+    def digest(
+        self,
+        ignore: tuple[str, ...] = (
+            "run.generations",
+            "run.time_budget_s",
+            "run.train_budget_s",
+            "run.overwrite",
+            "log.report_to",
+            "log.wandb_project",
+            "lora.export_dtype",
+        ),
+    ) -> str:
         """Hash of everything that changes results; checkpoints refuse to resume under another digest.
 
         Stop criteria are left out so a user may extend a finished or preempted run; so is the grpo
-        section, which an ESSA run never reads.
+        section, which an ESSA run never reads; so are the tracker and the export dtype, which change
+        no search result (and were added later: checkpoints from before them still resume).
         """
         d = self.to_dict()
         d.pop("grpo", None)
@@ -399,6 +419,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     data: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
+        if not p.exists() and p.parent.as_posix() in (".", "configs"):
+            p = _preset_or(p)  # a preset (fake_scaling, configs/fake_scaling.yaml): the copy the package ships
         if not p.is_file():
             raise ConfigError(f"--config {p}: no such file")
         try:
@@ -411,6 +433,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     cfg = from_dict(data)
     validate(cfg, check_paths=check_paths)
     return cfg
+
+
+def _preset_or(p: Path) -> Path:
+    """``--config NAME`` for a preset of configs/, found where the package keeps it (essa_hpc.resources)."""
+    from essa_hpc import resources
+
+    try:
+        return resources.preset(p.name)
+    except resources.ResourceError:
+        return p
 
 
 def validate(cfg: Config, check_paths: bool = True) -> None:
@@ -436,6 +468,7 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     )
     need(m.threads >= 0, "model.threads", f"expected >= 0 (0 = automatic), got {m.threads}")
     need(lo.init in ("sft", "random"), "lora.init", f"expected sft or random, got {lo.init!r}")
+    need(lo.export_dtype in DTYPES, "lora.export_dtype", f"expected one of {DTYPES}, got {lo.export_dtype!r}")
     need(lo.rank >= 1, "lora.rank", f"expected a positive rank, got {lo.rank}")
     need(0 < lo.alpha_fraction <= 1, "lora.alpha_fraction", f"expected 0 < α <= 1, got {lo.alpha_fraction}")
     need(
@@ -520,8 +553,16 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     need(e.k >= 1 and e.size >= 1, "eval.k", f"expected k >= 1 and size >= 1, got k={e.k}, size={e.size}")
     need(e.k == 1 or e.temperature > 0, "eval.temperature", "eval.k > 1 samples the same prompt k times; set eval.temperature > 0")
     need(lg.checkpoint_every >= 1, "log.checkpoint_every", f"expected >= 1, got {lg.checkpoint_every}")
+    need(lg.report_to in REPORT_TO, "log.report_to", f"expected one of {REPORT_TO}, got {lg.report_to!r}")
     _validate_grpo(cfg.grpo, need)
     if check_paths:
+        # the tracker's package, checked here (before any model loads) rather than at rank 0's first row
+        package = {"tensorboard": "tensorboard", "wandb": "wandb"}.get(lg.report_to)
+        need(
+            package is None or importlib.util.find_spec(package) is not None,
+            "log.report_to",
+            f"{lg.report_to} needs the {package} package: pip install {'essa_hpc[tracker]' if package == 'tensorboard' else 'wandb'}",
+        )
         for key, value in (
             ("lora.adapter", lo.adapter),
             ("task.path", t.path),
@@ -530,9 +571,39 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
         ):
             need(value is None or Path(value).exists(), key, f"no such file or folder: {value}")
         # A path-looking value must exist; "org/name" is a hub id, checked when the model loads.
-        looks_local = m.path.startswith(("/", "./", "../", "~")) or m.path.endswith(".gguf") or m.path.count("/") > 1
-        if not m.path.startswith("embedded:") and looks_local and not Path(m.path).expanduser().exists():
-            raise ConfigError(f"model.path: no such file or folder: {m.path}")
+        kind, why = model_path_kind(m.path)
+        if kind == "path" and not Path(m.path).expanduser().exists():
+            raise ConfigError(f"model.path: no such file or folder: {m.path} (read as a local path: {why})")
+
+
+_HUB_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/)?[\w.-]+$")  # huggingface_hub's repo id: [namespace/]name
+_FILE_SUFFIXES = (".gguf", ".safetensors", ".bin", ".pt", ".pth", ".json", ".yaml", ".yml")
+
+
+def model_path_kind(path: str) -> tuple[str, str]:
+    """How ``model.path`` is read, as the HF ecosystem reads a name: ("embedded" | "path" | "hub", why).
+
+    An existing file or folder is a path. So is anything a hub id cannot be: absolute or ./ ../ ~
+    prefixes, more than one "/", a file suffix, characters outside [A-Za-z0-9_.-], or a first part that
+    is a folder here (``models/qwen-missing`` with ``models/`` present). The rest (``Qwen/Qwen2.5-7B``,
+    ``gpt2``) is a hub id, resolved from the local HF cache first (models.resolve_source).
+    """
+    if path.startswith("embedded:"):
+        return "embedded", "the embedded: prefix"
+    p = Path(path).expanduser()
+    if p.exists():
+        return "path", "it exists"
+    if path.startswith(("/", "./", "../", "~", ".\\")) or "\\" in path:
+        return "path", "it starts like a file-system path"
+    if path.count("/") > 1:
+        return "path", "it has more than one '/' (a hub id is namespace/name)"
+    if path.lower().endswith(_FILE_SUFFIXES):
+        return "path", f"it ends in a file suffix ({p.suffix})"
+    if not _HUB_ID.match(path) or "--" in path or ".." in path:
+        return "path", "it has characters a hub id cannot have"
+    if "/" in path and Path(path.split("/", 1)[0]).is_dir():
+        return "path", f"its first part {path.split('/', 1)[0]}/ is a folder here"
+    return "hub", "it is not an existing path and has the form of a hub id ([namespace/]name)"
 
 
 def _validate_grpo(g: GrpoSection, need: Any) -> None:
