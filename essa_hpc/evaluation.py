@@ -110,8 +110,12 @@ def build_evaluator(cfg: Config, comm: dist.Comm) -> Evaluator:
     svd = _search_space(cfg, comm, loaded, task, train)
     backend = make_backend(cfg, loaded, svd)
 
+    from essa_hpc.export import base_model_reference, export_dtype
+
+    base_ref, dtype = base_model_reference(cfg.model), export_dtype(cfg, loaded.model)  # docs/design.md, Adapters
+
     def export(x: np.ndarray, out: Path) -> None:
-        svd_lora.export_adapter(svd, x, out, base_model_name_or_path=cfg.model.path)
+        svd_lora.export_adapter(svd, x, out, base_model_name_or_path=base_ref, dtype=dtype)
 
     return Evaluator(backend, task, _renderer(loaded, task), export, metric_names, summarize, train, val)
 

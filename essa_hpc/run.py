@@ -229,9 +229,13 @@ def run(cfg: Config, comm: dist.Comm, resume: bool = False) -> int:
     say_stop(cfg, comm, reason, done, exit_code)
     log.finish(np.stack(comm.allgather(timer.late())), opt.mean, state.best.vector)
     if comm.rank == 0 and exit_code == exit_codes.OK and ev.export is not None:
+        from essa_hpc.export import write_model_card
+
         ev.export(opt.mean, cfg.run_dir / "adapter")
+        write_model_card(cfg, cfg.run_dir / "adapter", "mean", state.evals, state.best.gen, primary)
         if state.best.vector is not None:
             ev.export(state.best.vector, cfg.run_dir / "adapter_best")
+            write_model_card(cfg, cfg.run_dir / "adapter_best", "best", state.evals, state.best.gen, primary)
     comm.barrier()
     if comm.rank == 0 and exit_code == exit_codes.OK:
         summary(cfg, state, primary)
@@ -415,6 +419,7 @@ def write_run_dir(cfg: Config) -> None:
 def open_log(cfg: Config, comm: dist.Comm, ev: Evaluator, resume_gen: int | None) -> RunLog | NullLog:
     """Rank 0 writes config.yaml and opens log.h5 (rewound to resume_gen when resuming); the others get a NullLog."""
     from essa_hpc.runlog import NullLog, RunLog
+    from essa_hpc.tracker import make_tracker
 
     hosts = comm.allgather(dist.hostname())
     log: RunLog | NullLog = NullLog()
@@ -429,6 +434,7 @@ def open_log(cfg: Config, comm: dist.Comm, ev: Evaluator, resume_gen: int | None
             solution_length=ev.dim,
             metrics=ev.metric_names,
             resume_gen=resume_gen,
+            tracker=make_tracker(cfg.log.report_to, cfg.run_dir, cfg.run.name, cfg.log.wandb_project, json.loads(cfg.to_json())),
         )
     comm.barrier()
     return log
