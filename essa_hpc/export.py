@@ -48,13 +48,13 @@ def export_dtype(cfg: Config, model: Any = None) -> torch.dtype:
     """``lora.export_dtype``: auto is the base model's dtype (the weights the adapter is added to)."""
     if cfg.lora.export_dtype != "auto":
         return DTYPES[cfg.lora.export_dtype]
-    dtype = getattr(model, "dtype", None)
-    if isinstance(dtype, torch.dtype) and dtype.is_floating_point and dtype in DTYPES.values():
+    dtype, device = getattr(model, "dtype", None), getattr(model, "device", None)
+    on_meta = isinstance(device, torch.device) and device.type == "meta"  # vllm's skeleton: vllm holds the weights
+    if not on_meta and isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
         return dtype
-    from essa_hpc import models  # a meta-device skeleton (vllm) or a quantized model: the configured dtype
+    from essa_hpc import models  # the dtype the config gives the weights
 
-    device = models.resolve_device(cfg.model.device) if cfg.model.device != "auto" else torch.device("cpu")
-    return models.resolve_dtype(cfg.model.dtype, device)
+    return models.resolve_dtype(cfg.model.dtype, models.resolve_device(cfg.model.device))
 
 
 def model_card(

@@ -22,7 +22,7 @@ class ResourceError(FileNotFoundError):
 def package_dir() -> Path:
     """The folder of the imported ``essa_hpc`` package (a checkout's or site-packages')."""
     files = importlib.resources.files("essa_hpc")
-    path = Path(str(files))
+    path = Path(str(files)).resolve()
     if not path.is_dir():
         raise ResourceError(f"essa_hpc is imported from {files}, not a folder: install it unzipped (pip install essa_hpc)")
     return path

@@ -216,19 +216,19 @@ class RunLog:
         if self.tracker is not None:
             early = ~np.isin(np.arange(len(PHASES)), [PHASE_INDEX[p] for p in LATE])
             rw = np.asarray(rewards, dtype=np.float64)
-            values = {
-                "gen/reward_mean": row["reward_mean"],
-                "gen/reward_max": row["reward_max"],
+            values: dict[str, float] = {
+                "gen/reward_mean": float(np.mean(rw)),
+                "gen/reward_max": float(np.max(rw)),
                 "gen/reward_min": float(np.min(rw)),
                 "gen/reward_std": float(np.std(rw)),
-                "gen/sigma": sigma,
-                "gen/wall_time": wall_time,
+                "gen/sigma": float(sigma),
+                "gen/wall_time": float(wall_time),
                 "gen/tokens": float(np.sum(tokens)),
-                "gen/failures": failures,
-                "gen/timeouts": timeouts,
+                "gen/failures": float(failures),
+                "gen/timeouts": float(timeouts),
             }
             slowest = np.max(np.asarray(timings, dtype=np.float64), axis=0)
-            values.update({f"gen/timings/{ph}": slowest[i] for i, ph in enumerate(PHASES) if early[i]})
+            values.update({f"gen/timings/{ph}": float(slowest[i]) for i, ph in enumerate(PHASES) if early[i]})
             self.tracker.scalars(n, values)
 
     def patch_late_timings(self, gen: int, late: np.ndarray) -> None:
@@ -241,7 +241,7 @@ class RunLog:
         self.f.flush()
         if self.tracker is not None:
             slowest = np.max(row, axis=0)
-            self.tracker.scalars(gen, {f"gen/timings/{ph}": slowest[PHASE_INDEX[ph]] for ph in LATE})
+            self.tracker.scalars(gen, {f"gen/timings/{ph}": float(slowest[PHASE_INDEX[ph]]) for ph in LATE})
 
     def append_eval(self, gen: int, wall_time: float, metrics: dict[str, float]) -> None:
         e = self.f["eval"]

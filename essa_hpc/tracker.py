@@ -63,7 +63,7 @@ class WandbTracker:
             resume="allow",
             dir=str(run_dir),
             config=config,
-            mode=os.environ.get("WANDB_MODE", "offline"),  # type: ignore[arg-type]
+            mode=os.environ.get("WANDB_MODE", "offline"),
         )
         self.run.define_metric("generation")
         self.run.define_metric("*", step_metric="generation")

@@ -62,10 +62,17 @@ def test_base_model_reference_is_what_peft_can_resolve(tiny: Path, tmp_path: Pat
 
 
 def test_export_dtype_follows_the_model_unless_configured(tiny: Path) -> None:
-    cfg = load_config(None, [f"model.path={tiny}"])
-    assert export.export_dtype(cfg, torch.nn.Linear(2, 2).to(torch.bfloat16)) == torch.bfloat16
-    assert export.export_dtype(cfg, torch.nn.Linear(2, 2)) == torch.float32
-    assert export.export_dtype(cfg.replace(**{"lora.export_dtype": "float16"}), torch.nn.Linear(2, 2)) == torch.float16
+    cfg = load_config(None, [f"model.path={tiny}", "model.device=cpu"])
+    model = models.tiny_model().model
+    assert export.export_dtype(cfg, model) == torch.float32
+    assert export.export_dtype(cfg, model.to(torch.bfloat16)) == torch.bfloat16
+    assert export.export_dtype(cfg.replace(**{"lora.export_dtype": "float16"}), model) == torch.float16
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    with torch.device("meta"):  # vllm's skeleton: the configured dtype, not the meta model's float32
+        skeleton = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2))
+    assert skeleton.device.type == "meta" and skeleton.dtype == torch.float32
+    assert export.export_dtype(cfg.replace(**{"model.dtype": "bfloat16"}), skeleton) == torch.bfloat16
 
 
 def test_essa_merge_equals_peft_on_the_base(tiny: Path, tmp_path: Path) -> None:
@@ -104,10 +111,10 @@ def test_essa_merge_equals_peft_on_the_base(tiny: Path, tmp_path: Path) -> None:
     assert bad.returncode == 2 and "no adapter_config.json" in bad.stderr and not (tmp_path / "m2").exists()
 
 
-def test_run_exports_in_model_dtype_with_a_model_card(tiny: Path, tmp_path: Path) -> None:
+def test_run_exports_in_the_configured_dtype_with_a_model_card(tiny: Path, tmp_path: Path) -> None:
     args = [
         f"model.path={tiny}",
-        "model.dtype=bfloat16",
+        "lora.export_dtype=bfloat16",  # the model runs in float32 here (auto on the CPU)
         "lora.init=random",
         "lora.rank=4",
         "lora.alpha_fraction=0.25",

@@ -36,9 +36,9 @@ def test_every_package_folder_is_in_the_wheel_list() -> None:
 
 
 def test_resources_in_a_checkout() -> None:
-    assert resources.home() == REPO
-    assert resources.slurm_script("common.sh") == REPO / "slurm" / "common.sh"
-    assert resources.preset("fake_scaling") == REPO / "configs" / "fake_scaling.yaml"
+    assert resources.home() == REPO.resolve()
+    assert resources.slurm_script("common.sh") == REPO.resolve() / "slurm" / "common.sh"
+    assert resources.preset("fake_scaling") == REPO.resolve() / "configs" / "fake_scaling.yaml"
     with pytest.raises(resources.ResourceError, match="not among"):
         resources.preset("no_such_preset")
 
@@ -104,22 +104,25 @@ def test_wheel_installed_outside_the_checkout(tmp_path: Path) -> None:
     ):
         assert member in names, member
 
-    # A venv made from this interpreter's base python; this venv's site-packages (torch, h5py, ...)
-    # are appended through a .pth line, after the new venv's own, so the wheel's essa_hpc comes first.
+    # A venv made from this interpreter's base python, the wheel installed into it alone; then this
+    # venv's site-packages (torch, h5py, ...) are appended through a .pth line, after the new venv's
+    # own, so the wheel's essa_hpc comes first (this venv's editable-install hook is not run from there).
     venv = tmp_path / "venv"
     _run([sys.executable, "-m", "venv", "--without-pip", str(venv)], tmp_path, env, timeout=120)
     vpy = venv / "bin" / "python"
+    _run([sys.executable, "-m", "pip", "--python", str(vpy), "install", "--no-deps", "--no-index", "-q", str(wheel)], tmp_path, env)
     site = Path(_run([str(vpy), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], tmp_path, env).stdout.strip())
     (site / "_essa_test_shared.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    _run([sys.executable, "-m", "pip", "--python", str(vpy), "install", "--no-deps", "--no-index", "-q", str(wheel)], tmp_path, env)
     env["PATH"] = f"{venv / 'bin'}{os.pathsep}{BIN}{os.pathsep}{env.get('PATH', '')}"  # BIN: the mpich wheel's mpiexec
+    # the mpich wheel's libmpi lies in this venv's lib/, where mpi4py looks relative to sys.prefix
+    env["LD_LIBRARY_PATH"] = f"{Path(sys.prefix) / 'lib'}{os.pathsep}{env.get('LD_LIBRARY_PATH', '')}"
 
     work = tmp_path / "elsewhere"
     work.mkdir()
     where = _run([str(vpy), "-c", "import essa_hpc, essa_hpc.resources as r; print(essa_hpc.__file__); print(r.home())"], work, env)
     pkg_file, home = where.stdout.split()
     assert Path(pkg_file).is_relative_to(venv) and not Path(pkg_file).is_relative_to(REPO), pkg_file
-    assert Path(home) == site / "essa_hpc" / "data"
+    assert Path(home) == (site / "essa_hpc" / "data").resolve()
 
     tiny = ["backend.fake_dim=8", "backend.fake_sleep_s=0", "search.popsize=6", "task.batch_size=4", "eval.size=4", "run.generations=2"]
     sets = [a for s in tiny for a in ("--set", s)]
