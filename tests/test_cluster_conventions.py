@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .test_slurm import FakeSlurm, fake, python_calls, run_script, sets, slurm_env
+from .test_slurm import FakeSlurm, fake, run_script, slurm_env
 
 __all__ = ["fake"]  # the fixture, imported for pytest
 
@@ -23,19 +23,26 @@ def test_run_dir_defaults_to_scratch_where_set(fake: FakeSlurm, tmp_path: Path) 
 
 
 def test_hdf5_locking_off_and_hf_cache_passed_to_ranks(fake: FakeSlurm, tmp_path: Path) -> None:
+    # an interpreter that answers the preflight check and writes each rank's whole environment
+    dump = tmp_path / "envs"
+    dump.mkdir()
+    py = tmp_path / "envpython"
+    py.write_text(f'#!/bin/bash\nif [ "$1" = -c ]; then echo "3.11.9 0.1.0"; exit 0; fi\nenv -0 > {dump}/env.$$\n')
+    py.chmod(0o755)
     env = slurm_env(
         fake, nodes=1, per_node=2, gpus=0, ESSA_RUN_DIR=str(tmp_path / "runs"), HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1"
     )
+    env["ESSA_PYTHON"] = str(py)
     for key in ("HDF5_USE_FILE_LOCKING", "SCRATCH", "HF_HUB_CACHE"):
         env.pop(key, None)
     r = run_script("essa_debug.sh", env)
     assert r.returncode == 0, r.stdout + r.stderr
     assert f"HF cache {tmp_path / 'hf'}/hub (HF_HUB_OFFLINE=1) | HDF5_USE_FILE_LOCKING=FALSE" in r.stdout
-    calls = python_calls(fake)
-    assert len(calls) == 2
-    for c in calls:
-        assert c["env"]["HDF5_USE_FILE_LOCKING"] == "FALSE"
-        assert c["env"]["HF_HOME"] == str(tmp_path / "hf") and c["env"]["HF_HUB_OFFLINE"] == "1"
-    assert sets(calls[0]["argv"])[0] == f"run.dir={tmp_path / 'runs'}"
+    ranks = [dict(kv.split("=", 1) for kv in f.read_text().split("\0") if "=" in kv) for f in sorted(dump.iterdir())]
+    assert len(ranks) == 2
+    for e in ranks:
+        assert e["HDF5_USE_FILE_LOCKING"] == "FALSE"
+        assert e["HF_HOME"] == str(tmp_path / "hf") and e["HF_HUB_OFFLINE"] == "1"
+    assert f"--set run.dir={tmp_path / 'runs'}" in r.stdout
     env["HDF5_USE_FILE_LOCKING"] = "TRUE"  # a site that has working locks keeps them
     assert "HDF5_USE_FILE_LOCKING=TRUE" in run_script("essa_debug.sh", {**env, "ESSA_DRY_RUN": "1"}).stdout

@@ -41,7 +41,7 @@ def _svd_on(folder: Path) -> svd_lora.SvdLora:
 
     base = models.load(ModelSection(path=str(folder), device="cpu")).model
     torch.manual_seed(0)
-    pm = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, lora_dropout=0.0))
+    pm = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, lora_dropout=0.0, task_type="CAUSAL_LM"))
     with torch.no_grad():
         for name, p in pm.named_parameters():
             if "lora_B" in name:
@@ -70,7 +70,8 @@ def test_export_dtype_follows_the_model_unless_configured(tiny: Path) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     with torch.device("meta"):  # vllm's skeleton: the configured dtype, not the meta model's float32
-        skeleton = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2))
+        tiny_cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+        skeleton = LlamaForCausalLM(tiny_cfg)
     assert skeleton.device.type == "meta" and skeleton.dtype == torch.float32
     assert export.export_dtype(cfg.replace(**{"model.dtype": "bfloat16"}), skeleton) == torch.bfloat16
 
@@ -121,7 +122,7 @@ def test_run_exports_in_the_configured_dtype_with_a_model_card(tiny: Path, tmp_p
         f"run.dir={tmp_path}",
         "run.name=card",
         "run.generations=1",
-        "search.popsize=2",
+        "search.popsize=4",
         "task.batch_size=2",
         "eval.size=2",
         "eval.every=1",
