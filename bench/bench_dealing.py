@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from analysis import latency
 from essa_hpc import dist
+from essa_hpc.analysis import latency
 from essa_hpc.backends.base import Request
 from essa_hpc.backends.fake import FakeBackend
 from essa_hpc.config import BackendSection

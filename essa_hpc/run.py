@@ -282,9 +282,14 @@ def _run(cfg: Config, comm: dist.Comm, resume: bool, started: float, stop_flag: 
         say(comm, line)
     log.finish(np.stack(comm.allgather(timer.late())), opt.mean, state.best.vector)
     if comm.rank == 0 and exit_code == exit_codes.OK and ev.export is not None:
+        from essa_hpc.export import write_model_card
+
         space.export(opt.mean, cfg.run_dir / space.export_name)
+        if not space.seeded:  # an adapter folder gets its model card (a seeded space writes a model folder)
+            write_model_card(cfg, cfg.run_dir / space.export_name, "mean", state.evals, state.best.gen, primary)
         if state.best.vector is not None and not space.seeded:  # a seeded space's past points are gone (their weights moved on)
             space.export(state.best.vector, cfg.run_dir / f"{space.export_name}_best")
+            write_model_card(cfg, cfg.run_dir / f"{space.export_name}_best", "best", state.evals, state.best.gen, primary)
     comm.barrier()
     if comm.rank == 0 and exit_code == exit_codes.OK:
         summary(cfg, state, primary, getattr(ev.backend, "diagnostics", dict)())
@@ -571,6 +576,7 @@ def write_run_dir(cfg: Config) -> None:
 def open_log(cfg: Config, comm: dist.Comm, ev: Evaluator, resume_gen: int | None) -> RunLog | NullLog:
     """Rank 0 writes config.yaml and opens log.h5 (rewound to resume_gen when resuming); the others get a NullLog."""
     from essa_hpc.runlog import NullLog, RunLog
+    from essa_hpc.tracker import make_tracker
 
     hosts = comm.allgather(dist.hostname())
     log: RunLog | NullLog = NullLog()
@@ -585,6 +591,7 @@ def open_log(cfg: Config, comm: dist.Comm, ev: Evaluator, resume_gen: int | None
             solution_length=ev.dim,
             metrics=ev.metric_names,
             resume_gen=resume_gen,
+            tracker=make_tracker(cfg.log.report_to, cfg.run_dir, cfg.run.name, cfg.log.wandb_project, json.loads(cfg.to_json())),
         )
     comm.barrier()
     return log

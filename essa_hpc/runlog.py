@@ -34,7 +34,9 @@ import numpy as np
 
 from essa_hpc import __version__
 from essa_hpc.dist import DIGEST_BYTES
-from essa_hpc.phases import PHASES
+from essa_hpc.phases import INDEX as PHASE_INDEX
+from essa_hpc.phases import LATE, PHASES
+from essa_hpc.tracker import Tracker
 
 SCHEMA_VERSION = 1
 
@@ -75,8 +77,10 @@ class RunLog:
         solution_length: int,
         metrics: Iterable[str],
         resume_gen: int | None = None,
+        tracker: Tracker | None = None,
     ) -> None:
         self.path = Path(path)
+        self.tracker = tracker  # essa_hpc/tracker.py: a mirror of the rows below, never read back
         self.popsize, self.dim, self.world = popsize, solution_length, world_size
         self.metrics = list(dict.fromkeys(metrics))
         if resume_gen is not None and self.path.exists():
@@ -220,6 +224,23 @@ class RunLog:
         if prev_late_timings is not None and n > 0:
             self.patch_late_timings(n - 1, prev_late_timings)
         self.f.flush()
+        if self.tracker is not None:
+            early = ~np.isin(np.arange(len(PHASES)), [PHASE_INDEX[p] for p in LATE])
+            rw = np.asarray(rewards, dtype=np.float64)
+            values: dict[str, float] = {
+                "gen/reward_mean": float(np.mean(rw)),
+                "gen/reward_max": float(np.max(rw)),
+                "gen/reward_min": float(np.min(rw)),
+                "gen/reward_std": float(np.std(rw)),
+                "gen/sigma": float(sigma),
+                "gen/wall_time": float(wall_time),
+                "gen/tokens": float(np.sum(tokens)),
+                "gen/failures": float(failures),
+                "gen/timeouts": float(timeouts),
+            }
+            slowest = np.max(np.asarray(timings, dtype=np.float64), axis=0)
+            values.update({f"gen/timings/{ph}": float(slowest[i]) for i, ph in enumerate(PHASES) if early[i]})
+            self.tracker.scalars(n, values)
 
     def patch_late_timings(self, gen: int, late: np.ndarray) -> None:
         """Fill the after-Allgather phases of generation `gen` (phases.LATE; see the module docstring)."""
@@ -229,6 +250,9 @@ class RunLog:
         row[mask] = late[mask]
         ds[gen] = row
         self.f.flush()
+        if self.tracker is not None:
+            slowest = np.max(row, axis=0)
+            self.tracker.scalars(gen, {f"gen/timings/{ph}": float(slowest[PHASE_INDEX[ph]]) for ph in LATE})
 
     def append_eval(self, gen: int, wall_time: float, metrics: dict[str, float]) -> None:
         e = self.f["eval"]
@@ -239,6 +263,8 @@ class RunLog:
             ds.resize(n + 1, axis=0)
             ds[n] = value
         self.f.flush()
+        if self.tracker is not None:
+            self.tracker.scalars(gen, {f"eval/{m}": float(metrics[m]) for m in self.metrics if m in metrics})
 
     def write_final(self, mean: np.ndarray, best: np.ndarray | None) -> None:
         self.f["final/mean"][:] = mean
@@ -258,6 +284,9 @@ class RunLog:
         if self.f.id.valid:
             self.f.flush()
             self.f.close()
+        if self.tracker is not None:
+            self.tracker.close()
+            self.tracker = None
 
 
 class NullLog:

@@ -10,7 +10,11 @@
 #   ESSA_POPSIZE ESSA_LORA_RANK ESSA_ALPHA ESSA_BATCH ESSA_GENERATIONS ESSA_SEED
 #                    search.popsize lora.rank lora.alpha_fraction task.batch_size run.generations run.seed
 #   ESSA_RUN_NAME    run.name (default: <preset>_<job id>: stable across requeues, so a requeued job resumes)
-#   ESSA_RUN_DIR     run.dir (default: <repo>/runs)
+#   ESSA_RUN_DIR     run.dir (default: $ESSA_SCRATCH/essa_hpc/runs where the site sets $SCRATCH, else
+#                    <repo>/runs in a checkout, else <submit dir>/runs); ESSA_SCRATCH defaults to $SCRATCH
+#   HF_HOME HF_HUB_OFFLINE   the Hugging Face cache and offline mode, passed through to every rank
+#                    (compute nodes without internet: download on the login node, then HF_HUB_OFFLINE=1)
+#   HDF5_USE_FILE_LOCKING    FALSE unless set: NFS/Lustre/GPFS mounts without flock make HDF5 refuse to open files
 #   ESSA_TP          GPUs per rank (backend.tensor_parallel_size); ranks per node = GPUs per node / ESSA_TP
 #   ESSA_SET         extra overrides, whitespace separated: "search.sigma0=0.3 eval.every=10"
 #   "$@"             script arguments go last to python -m essa_hpc.run (--set k=v, --resume, ...)
@@ -73,16 +77,32 @@ essa_setup_env() {
         eval "$(conda shell.bash hook)" || essa_die "conda shell.bash hook failed"
         conda activate "$ESSA_CONDA_ENV" || essa_die "conda activate $ESSA_CONDA_ENV failed"
     fi
-    # The package runs from the checkout even when it is not pip-installed in the environment.
-    export PYTHONPATH="$ESSA_HOME${PYTHONPATH:+:$PYTHONPATH}"
+    # A checkout's package runs even when it is not pip-installed in the environment; an installed
+    # package's data folder (ESSA_HOME = site-packages/essa_hpc/data) holds no Python to put on the path.
+    if [ -d "$ESSA_HOME/essa_hpc" ]; then
+        export PYTHONPATH="$ESSA_HOME${PYTHONPATH:+:$PYTHONPATH}"
+    fi
     export PYTHONUNBUFFERED=1
+    # HDF5 takes an flock on every file it opens; many cluster mounts (NFS, some Lustre/GPFS) refuse flock
+    # and h5py then fails with "unable to lock file". The log has one writer (rank 0), so no lock is needed.
+    export HDF5_USE_FILE_LOCKING="${HDF5_USE_FILE_LOCKING:-FALSE}"
 }
 
 # Defaults for everything the launch needs; call after the batch script set its own defaults.
 essa_defaults() {
     ESSA_PRESET=${ESSA_PRESET:-cpu_default}
     ESSA_CONFIG=${ESSA_CONFIG:-$ESSA_HOME/configs/$ESSA_PRESET.yaml}
-    ESSA_RUN_DIR=${ESSA_RUN_DIR:-$ESSA_HOME/runs}
+    ESSA_SCRATCH=${ESSA_SCRATCH:-${SCRATCH:-}}
+    if [ -z "${ESSA_RUN_DIR:-}" ]; then
+        # runs write checkpoints and a log every generation: scratch, not an NFS home, where the site has one
+        if [ -n "$ESSA_SCRATCH" ]; then
+            ESSA_RUN_DIR=$ESSA_SCRATCH/essa_hpc/runs
+        elif [ -d "$ESSA_HOME/essa_hpc" ]; then
+            ESSA_RUN_DIR=$ESSA_HOME/runs
+        else
+            ESSA_RUN_DIR=${SLURM_SUBMIT_DIR:-$PWD}/runs
+        fi
+    fi
     ESSA_RUN_NAME=${ESSA_RUN_NAME:-${ESSA_PRESET}_${SLURM_JOB_ID:-local}}
     ESSA_TP=${ESSA_TP:-1}
     ESSA_LAUNCHER=${ESSA_LAUNCHER:-srun}
@@ -256,6 +276,7 @@ essa_main() {
 
     essa_log "job ${SLURM_JOB_ID:-none} (restart ${SLURM_RESTART_COUNT:-0}) | ${SLURM_JOB_NUM_NODES:-1} node(s) | $ESSA_NTASKS rank(s) × $ESSA_TP GPU(s)/rank | launcher $ESSA_LAUNCHER"
     essa_log "run directory $ESSA_RUN_DIR/$ESSA_RUN_NAME | config $ESSA_CONFIG"
+    essa_log "HF cache ${HF_HUB_CACHE:-${HF_HOME:-$HOME/.cache/huggingface}/hub} (HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-0}) | HDF5_USE_FILE_LOCKING=$HDF5_USE_FILE_LOCKING"
     essa_log "launch: $(essa_quote "${ESSA_LAUNCH[@]}")"
     case "${ESSA_DRY_RUN:-0}" in
         1 | true | yes) return 0 ;;

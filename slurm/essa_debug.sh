@@ -25,11 +25,14 @@ ESSA_GENERATIONS=${ESSA_GENERATIONS:-10}
 ESSA_TP=${ESSA_TP:-1}
 
 # Find the repository: SLURM runs a copy of this script from its spool folder, so look at ESSA_HOME,
-# then beside this file, then the folder sbatch was called from.
+# then beside this file, then the folder sbatch was called from, then the pip-installed package's data.
 if [ -z "${ESSA_HOME:-}" ]; then
     for d in "$(dirname "${BASH_SOURCE[0]}")/.." "${SLURM_SUBMIT_DIR:-.}" "${SLURM_SUBMIT_DIR:-.}/.."; do
         if [ -f "$d/slurm/common.sh" ]; then ESSA_HOME=$(cd "$d" && pwd) && break; fi
     done
+fi
+if [ -z "${ESSA_HOME:-}" ]; then
+    ESSA_HOME=$("${ESSA_PYTHON:-python}" -c 'from essa_hpc.resources import home; print(home())' 2>/dev/null) || ESSA_HOME=
 fi
 [ -f "${ESSA_HOME:-}/slurm/common.sh" ] || { echo "essa: error: cannot find slurm/common.sh; set ESSA_HOME=/path/to/essa_hpc" >&2; exit 2; }
 export ESSA_HOME

@@ -39,6 +39,26 @@ def run_cli(
     return subprocess.run(cmd, cwd=cwd, env=env or cli_env(), capture_output=True, text=True, timeout=timeout)
 
 
+def have_mpi() -> str | None:
+    """None when this venv can start MPI ranks, else why not (the tests marked mpi then skip, saying so)."""
+    import importlib.util
+    import shutil
+
+    if not (BIN / "mpiexec").exists() and shutil.which("mpiexec") is None:
+        return "no mpiexec: pip install 'essa_hpc[cpu]' (the mpich wheel) or load an MPI module"
+    if importlib.util.find_spec("mpi4py") is None:
+        return "mpi4py is not installed"
+    return None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    why = have_mpi()
+    if why is not None:
+        for item in items:
+            if item.get_closest_marker("mpi") is not None:
+                item.add_marker(pytest.mark.skip(reason=why))
+
+
 SHM = Path("/dev/shm")
 
 

@@ -12,15 +12,27 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-import pandas as pd
 import pytest
 
-from analysis import latency, report
-from analysis.load import LogError, find_logs, load_runs, overhead_share, read_run, throughput, time_to_target, tokens_per_sample
-from essa_hpc.dist import PHASES
-from essa_hpc.runlog import RunLog
+# the analysis extra (pip install 'essa_hpc[analysis]'); without it this module is skipped, saying so
+pd = pytest.importorskip("pandas", reason="the offline analysis needs the analysis extra: pip install 'essa_hpc[analysis]'")
+pytest.importorskip("matplotlib", reason="the offline analysis needs the analysis extra: pip install 'essa_hpc[analysis]'")
 
-from .conftest import REPO, cli_env, run_cli
+from essa_hpc.analysis import latency, report  # noqa: E402
+from essa_hpc.analysis.load import (  # noqa: E402
+    LogError,
+    find_logs,
+    load_runs,
+    overhead_share,
+    read_run,
+    throughput,
+    time_to_target,
+    tokens_per_sample,
+)
+from essa_hpc.dist import PHASES  # noqa: E402
+from essa_hpc.runlog import RunLog  # noqa: E402
+
+from .conftest import REPO, cli_env, run_cli  # noqa: E402
 
 K = len(PHASES)
 IX = {p: i for i, p in enumerate(PHASES)}

@@ -224,7 +224,7 @@ def invoke(tool: str, argv: list[str]) -> int:
     elif tool == "evaluate":
         from essa_hpc.evaluate import main
     else:
-        from analysis.report import main
+        from essa_hpc.analysis.report import main
     return int(main(argv))
 
 
@@ -336,7 +336,7 @@ def test_second_stop_signal_ends_a_stuck_run_at_once(tmp_path: Path) -> None:
 
 def test_killed_writer_log_opens_in_the_tools() -> None:
     """After SIGKILL a plain h5py open fails ("already open for write"); the tools' readers do not."""
-    from analysis.load import read_run
+    from essa_hpc.analysis.load import read_run
     from essa_hpc.runlog import open_live, swmr_writer_flag
 
     path = BASE["killed"]

@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from analysis import latency as L
 from essa_hpc import dist
+from essa_hpc.analysis import latency as L
 from essa_hpc.phases import PHASES
 
 P = {"B_grad": 100.0, "m_fb": 2.0, "eta_fb": 0.5, "m_gen": 3.0, "eta_gen": 1.0, "M_params": 1e9, "peak_bw": 1e9}

@@ -19,7 +19,8 @@ from essa_hpc.config import ModelSection
 
 from .conftest import REPO, cli_env, run_cli
 
-pytest.importorskip("trl", reason="the GRPO baseline needs TRL (env/requirements-cpu.txt installs it)")
+pytest.importorskip("trl", reason="the GRPO baseline needs the grpo extra: pip install 'essa_hpc[grpo]'")
+pytest.importorskip("datasets", reason="the GRPO baseline needs the grpo extra: pip install 'essa_hpc[grpo]'")
 
 
 def reward_lower(prompts: Sequence[str], completions: Sequence[str], **_: object) -> list[float]:
@@ -163,6 +164,8 @@ def test_grpo_refuses_to_replace_a_run(grpo_run: Path, setup: dict[str, object])
 
 
 def test_report_overlays_essa_and_grpo(grpo_run: Path, setup: dict[str, object], tmp_path: Path) -> None:
+    pytest.importorskip("pandas", reason="the report needs the analysis extra: pip install 'essa_hpc[analysis]'")
+    pytest.importorskip("matplotlib", reason="the report needs the analysis extra: pip install 'essa_hpc[analysis]'")
     r = run_cli(
         sets(
             [

@@ -6,10 +6,11 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import pandas as pd
 import pytest
 
-from analysis import latency as L
+pd = pytest.importorskip("pandas", reason="the latency model needs the analysis extra: pip install 'essa_hpc[analysis]'")
+
+from essa_hpc.analysis import latency as L  # noqa: E402
 
 # a = m_fb·η_fb = 2·0.5 = 1, b = m_gen·η_gen = 3·1 = 3; G = 10; M = 1e9 bytes at 1e9 B/s
 P = {"B_grad": 100.0, "m_fb": 2.0, "eta_fb": 0.5, "m_gen": 3.0, "eta_gen": 1.0, "M_params": 1e9, "peak_bw": 1e9}

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import importlib.util
+import re
+from pathlib import Path
 
 import pytest
 import torch
 
 from essa_hpc import models
-from essa_hpc.config import ModelSection
+from essa_hpc.config import ConfigError, ModelSection, load_config, model_path_kind
 
 
 def test_tiny_model_generates() -> None:
@@ -83,3 +85,66 @@ def test_skeleton_has_shapes_but_no_weights(tmp_path) -> None:
     svd = svd_lora.random_init(sk.model, 4, 8.0, ["q_proj", "v_proj"], seed=0)
     assert svd.solution_length == 4 * 2 * 4
     assert sk.tokenizer.decode(sk.tokenizer("hi")["input_ids"]) == "hi"
+
+
+# ----------------------------------------------------------------------------------------------------
+# model.path as the HF ecosystem reads it: a path, or a hub id resolved from the local cache offline
+
+
+def _cache_snapshot(cache: Path, repo_id: str, commit: str = "0123456789abcdef0123456789abcdef01234567") -> Path:
+    """The layout huggingface_hub writes: models--org--name/{refs/main, snapshots/<commit>/...}."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    snap = repo / "snapshots" / commit
+    models.save_tiny_model(snap)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    return snap
+
+
+def test_hub_id_resolves_from_the_hf_cache_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    snap = _cache_snapshot(tmp_path / "hf" / "hub", "acme/tiny-llama")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    section = ModelSection(path="acme/tiny-llama", device="cpu")
+    assert models.resolve_source(section) == (str(snap), None)
+    loaded = models.load(section)  # a real from_pretrained of the cached snapshot, no network
+    assert loaded.model.config.num_hidden_layers == 2
+
+
+def test_uncached_hub_id_offline_is_an_immediate_error_saying_how_it_was_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(
+        models.ModelError, match=r"models/qwen-missing: read as a hub id .*namespace/\]name.* not in the HF cache .*offline"
+    ):
+        models.resolve_source(ModelSection(path="models/qwen-missing"))
+
+
+@pytest.mark.parametrize(
+    ("path", "why"),
+    [
+        ("models/qwen-missing", "its first part models/ is a folder here"),
+        ("./qwen", "starts like a file-system path"),
+        ("/nonexistent/qwen", "starts like a file-system path"),
+        ("a/b/c", "more than one '/'"),
+        ("qwen.gguf", "file suffix"),
+        ("acme/bad name", "characters a hub id cannot have"),
+    ],
+)
+def test_missing_path_like_model_is_an_immediate_error(path: str, why: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "models").mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # online: still no hub contact for a path
+    with pytest.raises(models.ModelError, match=rf"no such file or folder \(read as a local path because .*{re.escape(why)}"):
+        models.resolve_source(ModelSection(path=path))
+    with pytest.raises(ConfigError, match=rf"model.path: no such file or folder: .*\(read as a local path: .*{re.escape(why)}"):
+        load_config(None, [f"model.path={path}"])
+
+
+def test_model_path_kind() -> None:
+    assert model_path_kind("Qwen/Qwen2.5-7B-Instruct")[0] == "hub"
+    assert model_path_kind("gpt2")[0] == "hub"
+    assert model_path_kind("embedded:smollm2-135m-instruct")[0] == "embedded"

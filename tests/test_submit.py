@@ -20,6 +20,8 @@ import h5py
 import pytest
 import yaml
 
+pytest.importorskip("submitit", reason="essa_hpc.submit needs the slurm extra: pip install 'essa_hpc[slurm]'")
+
 from essa_hpc import submit as S
 from essa_hpc.config import ConfigError, load_config
 

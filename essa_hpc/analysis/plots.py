@@ -22,7 +22,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from analysis.load import Run, Runs
+from essa_hpc.analysis.load import Run, Runs
 
 FORMATS: tuple[str, ...] = ("png", "pdf")
 DPI = 110
@@ -135,7 +135,7 @@ def phase_breakdown(run: Run, out: Path, formats: Sequence[str] = FORMATS) -> li
 
 def phase_shares(runs: Runs, out: Path, formats: Sequence[str] = FORMATS) -> list[Path]:
     """Share of the ranks' measured time per phase, one horizontal stacked bar per run."""
-    from analysis.load import phase_totals
+    from essa_hpc.analysis.load import phase_totals
 
     runs_list = [r for r in runs if not r.timings.empty]
     if not runs_list:

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis.load import LogError, _attr, find_logs, open_log, read_run
+from essa_hpc.analysis.load import LogError, _attr, find_logs, open_log, read_run
 
 
 def log_method(path: str | Path) -> str:
