@@ -300,6 +300,32 @@ DIGEST_IGNORE = (
 )
 
 
+# Keys the first release's config did not have (the grpo section aside, which no digest reads): its
+# checkpoints resume while these stay at their defaults (Config.legacy_digest).
+ADDED_SINCE_FIRST_RELEASE = (
+    "task.max_failed_generations",
+    "log.report_to",
+    "log.wandb_project",
+    "lora.export_dtype",
+    "search.antithetic",
+    "search.common_random_numbers",
+    "search.learning_rate",
+    "search.lr_decay",
+    "search.qes_decay",
+    "search.qes_residual",
+    "search.qes_window",
+    "search.rank",
+    "search.sigma_decay",
+    "search.space",
+    "search.targets",
+    "sft.path",
+    "task.reward_output",
+    "task.sft_size",
+    "task.train_size",
+    "task.trust_remote_code",
+)
+
+
 def digest_view(d: dict[str, Any], ignore: tuple[str, ...] = DIGEST_IGNORE) -> dict[str, Any]:
     """A config dict without the grpo section and the ignored keys: what the digest hashes."""
     d = copy.deepcopy(d)
@@ -355,9 +381,16 @@ class Config:
         """
         return hashlib.sha256(json.dumps(digest_view(self.to_dict(), ignore), sort_keys=True).encode()).hexdigest()[:16]
 
-    def legacy_digest(self) -> str:
-        """The digest as checkpoints written before DIGEST_IGNORE grew computed it (they still resume)."""
-        return self.digest((*LEGACY_DIGEST_IGNORE, "task.max_failed_generations"))  # a key those versions lacked
+    def legacy_digest(self) -> str | None:
+        """The digest as checkpoints of the first release computed it, so that they still resume: its
+        four ignored keys, without the keys added since. None when one of those keys is set away from
+        its default (such a config cannot be the one an old checkpoint was written under)."""
+        now, default = self.to_dict(), Config().to_dict()
+        for key in ADDED_SINCE_FIRST_RELEASE:
+            sec, name = key.split(".")
+            if key not in DIGEST_IGNORE and now[sec][name] != default[sec][name]:
+                return None
+        return self.digest((*LEGACY_DIGEST_IGNORE, *ADDED_SINCE_FIRST_RELEASE))
 
     def replace(self, **overrides: Any) -> Config:
         """Dotted overrides in Python: cfg.replace(**{"search.popsize": 8})."""

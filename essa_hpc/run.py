@@ -103,6 +103,12 @@ def _main(argv: Sequence[str] | None) -> int:
             return exit_codes.BAD_INPUT
 
 
+def legacy(cfg: Config) -> tuple[str, ...]:
+    """The older digests a checkpoint may carry and still resume under this config."""
+    old = cfg.legacy_digest()
+    return (old,) if old else ()
+
+
 def bad_input_errors() -> tuple[type[BaseException], ...]:
     """Errors that mean "fix your input": exit status BAD_INPUT and one line, no traceback.
 
@@ -158,7 +164,7 @@ def _run(cfg: Config, comm: dist.Comm, resume: bool, started: float, stop_flag: 
     table = dist.assign(popsize, batch_size, comm.size)  # who scores what: the same table on every rank
     my_work, slots = table[comm.rank], max(1, max(len(w) for w in table))
     state = (
-        checkpoint.load_state(cfg.run_dir, cfg.digest(), accept=(cfg.legacy_digest(),), config=cfg.to_dict())
+        checkpoint.load_state(cfg.run_dir, cfg.digest(), accept=legacy(cfg), config=cfg.to_dict())
         if resuming
         else checkpoint.State()
     )
@@ -527,7 +533,7 @@ def prepare_run_dir(cfg: Config, comm: dist.Comm, resume: bool) -> bool:
                     )
                 # else: nothing searched yet (the generation-0 checkpoint); starting over loses nothing
             elif has_ckpt:
-                state = checkpoint.load(run_dir, cfg.digest(), accept=(cfg.legacy_digest(),), config=cfg.to_dict())
+                state = checkpoint.load(run_dir, cfg.digest(), accept=legacy(cfg), config=cfg.to_dict())
                 from essa_hpc.runlog import check_resumable
 
                 check_resumable(run_dir / "log.h5", world_size=comm.size, popsize=cfg.search.popsize, gen=int(state.get("gen", 0)))

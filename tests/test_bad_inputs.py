@@ -409,7 +409,7 @@ def test_digest_ignores_cosmetic_keys_and_old_checkpoints_resume(tmp_path: Path)
     import json
 
     from essa_hpc import checkpoint
-    from essa_hpc.config import Config, digest_diff
+    from essa_hpc.config import ADDED_SINCE_FIRST_RELEASE, Config, digest_diff
 
     a = Config()
     for key, value in (("log.progress", False), ("run.dir", "/elsewhere"), ("run.name", "moved"), ("log.checkpoint_every", 7)):
@@ -420,9 +420,14 @@ def test_digest_ignores_cosmetic_keys_and_old_checkpoints_resume(tmp_path: Path)
     d.pop("grpo")
     for sec, name in (("run", "generations"), ("run", "time_budget_s"), ("run", "train_budget_s"), ("run", "overwrite")):
         d[sec].pop(name)
-    d["task"].pop("max_failed_generations")
+    for key in ADDED_SINCE_FIRST_RELEASE:
+        d[key.split(".")[0]].pop(key.split(".")[1], None)
     old = hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
     assert a.legacy_digest() == old
+    # golden: the first release (commit 9cb55ed) wrote these digests for the defaults and for one changed config
+    assert a.legacy_digest() == "77c3821f2381b6e9"
+    assert a.replace(**{"search.sigma0": 0.5, "task.batch_size": 32}).legacy_digest() == "056eaf9ecd001190"
+    assert a.replace(**{"search.space": "lowrank", "search.optimizer": "es"}).legacy_digest() is None  # a new key set: not an old run
     checkpoint.save(tmp_path, {"gen": 1, "config_digest": old})
     assert checkpoint.load(tmp_path, a.digest(), accept=(a.legacy_digest(),))["gen"] == 1
     assert digest_diff(a.to_dict(), a.replace(**{"search.popsize": 5, "log.progress": False}).to_dict()) == "search.popsize: 16 -> 5"
