@@ -163,11 +163,7 @@ def _run(cfg: Config, comm: dist.Comm, resume: bool, started: float, stop_flag: 
         raise RunError(str(e)) from None
     table = dist.assign(popsize, batch_size, comm.size)  # who scores what: the same table on every rank
     my_work, slots = table[comm.rank], max(1, max(len(w) for w in table))
-    state = (
-        checkpoint.load_state(cfg.run_dir, cfg.digest(), accept=legacy(cfg), config=cfg.to_dict())
-        if resuming
-        else checkpoint.State()
-    )
+    state = checkpoint.load_state(cfg.run_dir, cfg.digest(), accept=legacy(cfg), config=cfg.to_dict()) if resuming else checkpoint.State()
     if resuming:
         opt.load_state_dict(state.optimizer)
         space.load_state_dict(state.space)  # a seeded space replays its updates: the same weights bit for bit
