@@ -237,9 +237,9 @@ class HFBackend:
             return []
         out = []
         for w, (sa, sb) in zip(self.wrappers, self.svd.sigma_batch(vectors)):
-            out.append(
-                (sa.to(self.device, self.adapter_dtype).unsqueeze(1), (w.scaling * sb).to(self.device, self.adapter_dtype).unsqueeze(1))
-            )
+            assert isinstance(w, SvdLoraLinear)  # an SVD-LoRA installs its own wrappers (_wrap)
+            on_device = self.device, self.adapter_dtype
+            out.append((sa.to(*on_device).unsqueeze(1), (w.scaling * sb).to(*on_device).unsqueeze(1)))
         return out
 
     @contextmanager
@@ -353,7 +353,7 @@ class HFBackend:
                 )
         results: list[list[int]] = [[] for _ in requests]
         if self.sequential is not None:  # one candidate at a time, its requests in one batched loop
-            for c in distinct(r.candidate for r in requests):
+            for c in distinct([int(r.candidate) for r in requests]):
                 group = [i for i, r in enumerate(requests) if int(r.candidate) == c]
                 with self.sequential.perturbed(X[c]):
                     self._decode_all([], ids, requests, group, results, max_new, temp, tp, no_eos)
