@@ -74,6 +74,82 @@ class Optimizer(Protocol):
         ...
 
 
+class Handshake:
+    """The ask/tell protocol every optimizer keeps: generations asked in order from :attr:`generation`,
+    at most one pending, re-asking it returns the same candidates, and ``tell`` gets exactly those.
+
+    Ranks never exchange candidates, so a ``tell`` with other rows is a bug in the caller, not data;
+    the check costs one comparison of λ × d floats per generation.
+    """
+
+    def __init__(self) -> None:
+        self.gen: int | None = None
+        self.X: np.ndarray | None = None
+
+    def asked(self, gen: int, generation: int) -> np.ndarray | None:
+        """A copy of the pending candidates when ``gen`` is the pending generation, None when ``gen`` is
+        the next one to draw; an OptimizerError for any other order."""
+        if self.gen is not None and self.X is not None:
+            if gen == self.gen:
+                return self.X.copy()
+            raise OptimizerError(
+                f"ask(gen={gen}) while generation {self.gen} was asked and not told; call tell(X, fitness) for generation {self.gen} first"
+            )
+        if gen != generation:
+            raise OptimizerError(
+                f"ask(gen={gen}) but the optimizer is at generation {generation} ({generation} tell calls so far); ask is "
+                "called once per generation, in order, from 0 (after a resume: from the checkpoint's generation)"
+            )
+        return None
+
+    def hold(self, gen: int, X: np.ndarray) -> np.ndarray:
+        """Keep ``X`` as generation ``gen``'s candidates; returns the copy ``ask`` hands out."""
+        self.gen, self.X = gen, X
+        return X.copy()
+
+    def check(self, X: Any, generation: int) -> tuple[int, np.ndarray]:
+        """(gen, candidates) of the pending generation, which ``X`` must equal exactly. It stays pending
+        until :meth:`done`, so a ``tell`` that fails on its fitness consumes nothing."""
+        if self.gen is None or self.X is None:
+            raise OptimizerError(f"tell() without ask(gen={generation}) first")
+        gen, pending = self.gen, self.X
+        X = np.asarray(X)
+        if X.shape != pending.shape:
+            raise ValueError(f"tell(gen={gen}): expected candidates of shape {pending.shape}, got {X.shape}")
+        if not np.array_equal(X, pending):
+            rows = np.flatnonzero(np.any(pending != X, axis=1))
+            raise OptimizerError(
+                f"tell(gen={gen}): candidates {rows[:8].tolist()}{'...' if rows.size > 8 else ''} differ from what "
+                f"ask(gen={gen}) returned; tell must get exactly ask's candidates"
+            )
+        return gen, pending
+
+    def done(self) -> None:
+        """The pending generation was told."""
+        self.gen, self.X = None, None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"pending_gen": self.gen, "pending_X": None if self.X is None else self.X.copy()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        X = state.get("pending_X")
+        self.gen = state.get("pending_gen")
+        self.X = None if X is None else np.array(X, dtype=np.float64, copy=True)
+
+    def digest_counter(self) -> int:
+        return -1 if self.gen is None else self.gen
+
+
+def check_state(state: Any, fmt: str, settings: dict[str, Any]) -> None:
+    """A ValueError unless ``state`` is a state_dict of format ``fmt`` written with these settings."""
+    if not isinstance(state, dict) or state.get("format") != fmt:
+        got = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise ValueError(f"optimizer state: expected format {fmt!r}, got {got!r}")
+    for key, value in settings.items():
+        if state.get(key) != value:
+            raise ValueError(f"optimizer state: {key} = {state.get(key)!r} in the checkpoint, but this run has {key} = {value!r}")
+
+
 def check_fitness(fitness: Any, popsize: int, gen: int) -> np.ndarray:
     """``fitness`` as a float64 [popsize] array, or a ValueError naming every non-finite candidate.
 

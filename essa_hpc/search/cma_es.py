@@ -53,12 +53,12 @@ import math
 import operator
 import pickle
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Final
 
 import cma
 import numpy as np
 
-from essa_hpc.search.base import FITNESS_SHAPINGS, OptimizerError, check_fitness, shape_fitness
+from essa_hpc.search.base import FITNESS_SHAPINGS, Handshake, OptimizerError, check_fitness, check_state, shape_fitness
 
 try:  # optional: pins BLAS threads at run time; without it the run pins them through the environment
     import threadpoolctl
@@ -210,8 +210,8 @@ class CMAES:
             raise ValueError(f"search.fitness_shaping: expected one of {FITNESS_SHAPINGS}, got {fitness_shaping!r}")
         if blas_threads < 1:
             raise ValueError(f"blas_threads: expected >= 1, got {blas_threads}")
-        self._dim = int(dim)
-        self._popsize = int(popsize)
+        self.dim: Final[int] = int(dim)  # the Optimizer protocol's read-only d and λ
+        self.popsize: Final[int] = int(popsize)
         self._sigma0 = float(sigma0)
         self._seed = int(seed)
         self._diagonal = bool(diagonal)
@@ -220,23 +220,12 @@ class CMAES:
         self._randn = GenerationNormals(self._seed)
         with self._pinned():
             # m^(0) = 0 (the SFT adapter), σ^(0) = sigma0, C^(0) = I (pycma adds a 1e-4/d spread to the diagonal)
-            self._es = cma.CMAEvolutionStrategy(
-                np.zeros(self._dim), self._sigma0, pycma_options(self._popsize, self._diagonal, self._randn)
-            )
-        if self._es.sm.randn is not self._randn or self._es.popsize != self._popsize:
+            self._es = cma.CMAEvolutionStrategy(np.zeros(self.dim), self._sigma0, pycma_options(self.popsize, self._diagonal, self._randn))
+        if self._es.sm.randn is not self._randn or self._es.popsize != self.popsize:
             raise RuntimeError("pycma did not take the pinned sampler or population size; check the pycma version")
-        self._pending_gen: int | None = None
-        self._pending_X: np.ndarray | None = None
+        self._asked = Handshake()
 
     # -- read-only views ---------------------------------------------------------------------------
-
-    @property
-    def dim(self) -> int:
-        return self._dim
-
-    @property
-    def popsize(self) -> int:
-        return self._popsize
 
     @property
     def diagonal(self) -> bool:
@@ -261,7 +250,7 @@ class CMAES:
 
     def __repr__(self) -> str:
         kind = "sep-CMA" if self._diagonal else "CMA"
-        return f"CMAES({kind}, dim={self._dim}, popsize={self._popsize}, generation={self.generation}, sigma={self.sigma:.4g})"
+        return f"CMAES({kind}, dim={self.dim}, popsize={self.popsize}, generation={self.generation}, sigma={self.sigma:.4g})"
 
     # -- the generation ------------------------------------------------------------------------------
 
@@ -277,26 +266,15 @@ class CMAES:
         candidates (a copy) without drawing anything.
         """
         gen = operator.index(gen)
-        if self._pending_gen is not None:
-            assert self._pending_X is not None
-            if gen == self._pending_gen:
-                return self._pending_X.copy()
-            raise OptimizerError(
-                f"ask(gen={gen}) while generation {self._pending_gen} was asked and not told; "
-                f"call tell(X, fitness) for generation {self._pending_gen} first"
-            )
-        if gen != self.generation:
-            raise OptimizerError(
-                f"ask(gen={gen}) but the optimizer is at generation {self.generation} ({self.generation} tell calls "
-                "so far); ask is called once per generation, in order, from 0 (after a resume: from the checkpoint's generation)"
-            )
+        again = self._asked.asked(gen, self.generation)
+        if again is not None:
+            return again
         self._randn.start(gen)
         with self._pinned():
             X = np.array(self._es.ask(), dtype=np.float64)
-        if X.shape != (self._popsize, self._dim):
-            raise RuntimeError(f"pycma returned candidates of shape {X.shape}, expected {(self._popsize, self._dim)}")
-        self._pending_gen, self._pending_X = gen, X
-        return X.copy()
+        if X.shape != (self.popsize, self.dim):
+            raise RuntimeError(f"pycma returned candidates of shape {X.shape}, expected {(self.popsize, self.dim)}")
+        return self._asked.hold(gen, X)
 
     def tell(self, X: np.ndarray, fitness: np.ndarray) -> None:
         """Rank the candidates by ``fitness`` (minimized) and update m, σ, C and the paths (eqs. (41)-(47)).
@@ -304,33 +282,22 @@ class CMAES:
         ``X`` must be exactly the array ``ask`` returned for the pending generation (ranks never exchange
         candidates, so anything else is a bug); ``fitness`` must be finite.
         """
-        if self._pending_gen is None or self._pending_X is None:
-            raise OptimizerError(f"tell() without ask(gen={self.generation}) first")
-        gen, pending = self._pending_gen, self._pending_X
-        X = np.asarray(X)
-        if X.shape != pending.shape:
-            raise ValueError(f"tell(gen={gen}): expected candidates of shape {pending.shape}, got {X.shape}")
-        if not np.array_equal(X, pending):
-            rows = np.flatnonzero(np.any(pending != X, axis=1))
-            raise OptimizerError(
-                f"tell(gen={gen}): candidates {rows[:8].tolist()}{'...' if rows.size > 8 else ''} differ from what "
-                f"ask(gen={gen}) returned; tell must get exactly ask's candidates"
-            )
-        f = check_fitness(fitness, self._popsize, gen)
+        gen, pending = self._asked.check(X, self.generation)
+        f = check_fitness(fitness, self.popsize, gen)
         # Only the ordering x_{1:λ} <= ... <= x_{λ:λ} enters eqs. (41)-(47) (and TPA's rank comparison), so
         # centered ranks change nothing in the update; they keep ties tied, as raw values do.
         values = shape_fitness(f, self._fitness_shaping)
         with self._pinned():
             self._es.tell(list(pending), list(values))
-        self._pending_gen, self._pending_X = None, None
+        self._asked.done()
 
     # -- checkpoints and cross-rank checks ---------------------------------------------------------------
 
     def _settings(self) -> dict[str, Any]:
         return {
             "optimizer": self.name,
-            "dim": self._dim,
-            "popsize": self._popsize,
+            "dim": self.dim,
+            "popsize": self.popsize,
             "sigma0": self._sigma0,
             "seed": self._seed,
             "diagonal": self._diagonal,
@@ -347,8 +314,7 @@ class CMAES:
             "numpy_version": np.__version__,
             "generation": self.generation,
             "rng": self._randn.state(),
-            "pending_gen": self._pending_gen,
-            "pending_X": None if self._pending_X is None else self._pending_X.copy(),
+            **self._asked.state_dict(),
             "es": self._pickle_es(),
         }
 
@@ -372,12 +338,7 @@ class CMAES:
 
         The state is unpickled: load checkpoints you wrote yourself only.
         """
-        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-            fmt = state.get("format") if isinstance(state, dict) else type(state).__name__
-            raise ValueError(f"optimizer state: expected format {STATE_FORMAT!r}, got {fmt!r}")
-        for key, value in self._settings().items():
-            if state.get(key) != value:
-                raise ValueError(f"optimizer state: {key} = {state.get(key)!r} in the checkpoint, but this run has {key} = {value!r}")
+        check_state(state, STATE_FORMAT, self._settings())
         if state.get("cma_version") != cma.__version__:
             raise ValueError(
                 f"optimizer state: written with pycma {state.get('cma_version')}, this environment has pycma {cma.__version__}; "
@@ -389,15 +350,13 @@ class CMAES:
             raise ValueError("optimizer state: the pickled pycma object is inconsistent with the checkpoint's metadata")
         if randn.state() != state["rng"]:
             raise ValueError("optimizer state: the pickled RNG state differs from the checkpoint's 'rng' entry")
-        pending_X = state.get("pending_X")
         self._es, self._randn = es, randn
-        self._pending_gen = state.get("pending_gen")
-        self._pending_X = None if pending_X is None else np.array(pending_X, dtype=np.float64, copy=True)
+        self._asked.load_state_dict(state)
 
     def _digest_items(self) -> Iterator[tuple[str, Any]]:
         es = self._es
         yield "settings", json.dumps(self._settings(), sort_keys=True)
-        yield "counters", np.array([es.countiter, es.countevals, -1 if self._pending_gen is None else self._pending_gen], dtype=np.int64)
+        yield "counters", np.array([es.countiter, es.countevals, self._asked.digest_counter()], dtype=np.int64)
         yield "rng", json.dumps(self._randn.state(), sort_keys=True)
         yield "mean", es.mean  # m (eq. (42))
         yield "sigma", float(es.sigma)  # σ (eq. (44) / TPA)

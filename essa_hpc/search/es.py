@@ -32,12 +32,12 @@ from __future__ import annotations
 import hashlib
 import json
 import operator
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 
 from essa_hpc import noise
-from essa_hpc.search.base import FITNESS_SHAPINGS, OptimizerError, check_fitness, shape_fitness
+from essa_hpc.search.base import FITNESS_SHAPINGS, Handshake, check_fitness, check_state, shape_fitness
 
 STATE_FORMAT = "essa-es-1"
 SEED_CODE_WIDTH = 3  # (generation, noise index, coefficient): essa_hpc/spaces/base.py's row layout
@@ -70,25 +70,18 @@ class ES:
             raise ValueError("es: expected sigma0 > 0, learning_rate > 0, 0 < lr_decay <= 1 and 0 < sigma_decay <= 1")
         if seeded and dim != SEED_CODE_WIDTH:
             raise ValueError(f"es: seed-code rows have {SEED_CODE_WIDTH} columns, got dim={dim}")
-        self._dim, self._popsize, self._seed = int(dim), int(popsize), int(seed)
+        self.dim: Final[int] = int(dim)  # the Optimizer protocol's read-only d and λ
+        self.popsize: Final[int] = int(popsize)
+        self._seed = int(seed)
         self._sigma0, self._lr0 = float(sigma0), float(learning_rate)
         self._lr_decay, self._sigma_decay = float(lr_decay), float(sigma_decay)
         self._antithetic, self._shaping, self._seeded = bool(antithetic), fitness_shaping, bool(seeded)
-        self._mean = np.zeros(self._dim, dtype=np.float64)
+        self._mean = np.zeros(self.dim, dtype=np.float64)
         self._generation = 0
-        self._pending_gen: int | None = None
-        self._pending_X: np.ndarray | None = None
+        self._asked = Handshake()
         self._step = np.zeros((0, SEED_CODE_WIDTH), dtype=np.float64)
 
     # -- the Optimizer protocol's properties -----------------------------------------------------------
-
-    @property
-    def dim(self) -> int:
-        return self._dim
-
-    @property
-    def popsize(self) -> int:
-        return self._popsize
 
     @property
     def generation(self) -> int:
@@ -112,47 +105,39 @@ class ES:
 
     def pairs(self) -> tuple[np.ndarray, np.ndarray]:
         """(noise index k_c, sign s_c) of every candidate c: mirrored pairs (2k, 2k+1) or one draw each."""
-        c = np.arange(self._popsize)
+        c = np.arange(self.popsize)
         if self._antithetic:
             return c // 2, np.where(c % 2 == 0, 1.0, -1.0)
-        return c, np.ones(self._popsize)
+        return c, np.ones(self.popsize)
 
     def epsilon(self, gen: int, k: int) -> np.ndarray:
         """ε_k of generation ``gen`` in the explicit coding, float64 [d]."""
-        return noise.normal(self._seed, gen, int(k), noise.OPTIMIZER_STREAM, self._dim, dtype=np.float64)
+        return noise.normal(self._seed, gen, int(k), noise.OPTIMIZER_STREAM, self.dim, dtype=np.float64)
 
     # -- ask / tell ------------------------------------------------------------------------------------
 
     def ask(self, gen: int) -> np.ndarray:
         """The candidates of (ES-1) for generation ``gen`` (== :attr:`generation`), float64 [λ, d]."""
         gen = operator.index(gen)
-        if self._pending_gen is not None and self._pending_X is not None:
-            if gen == self._pending_gen:
-                return self._pending_X.copy()
-            raise OptimizerError(f"ask(gen={gen}) while generation {self._pending_gen} was asked and not told")
-        if gen != self._generation:
-            raise OptimizerError(f"ask(gen={gen}) but the optimizer is at generation {self._generation}; ask once per generation, in order")
+        again = self._asked.asked(gen, self._generation)
+        if again is not None:
+            return again
         k, s = self.pairs()
         sigma = self.sigma_at(gen)
         if self._seeded:
-            X = np.stack([np.full(self._popsize, float(gen)), k.astype(np.float64), s * sigma], axis=1)
+            X = np.stack([np.full(self.popsize, float(gen)), k.astype(np.float64), s * sigma], axis=1)
         else:
             eps = {int(j): self.epsilon(gen, int(j)) for j in np.unique(k)}
             X = np.stack([self._mean + sc * sigma * eps[int(kc)] for kc, sc in zip(k, s)])
-        self._pending_gen, self._pending_X = gen, X
-        return X.copy()
+        return self._asked.hold(gen, X)
 
     def tell(self, X: np.ndarray, fitness: np.ndarray) -> None:
         """(ES-2)-(ES-3) from the fitness (minimized: the run passes −reward) of ``ask``'s candidates."""
-        if self._pending_gen is None or self._pending_X is None:
-            raise OptimizerError(f"tell() without ask(gen={self._generation}) first")
-        gen, pending = self._pending_gen, self._pending_X
-        if np.shape(X) != pending.shape or not np.array_equal(np.asarray(X), pending):
-            raise OptimizerError(f"tell(gen={gen}): the candidates differ from what ask(gen={gen}) returned")
-        f = check_fitness(fitness, self._popsize, gen)
+        gen, _ = self._asked.check(X, self._generation)
+        f = check_fitness(fitness, self.popsize, gen)
         u = np.asarray(shape_fitness(-f, self._shaping), dtype=np.float64)  # utilities: higher reward, higher u
         k, s = self.pairs()
-        scale = self.lr_at(gen) / (self._popsize * self.sigma_at(gen))
+        scale = self.lr_at(gen) / (self.popsize * self.sigma_at(gen))
         ks = np.unique(k)
         w = np.array([scale * float(np.sum(s[k == j] * u[k == j])) for j in ks])  # (ES-3), summed in candidate order
         self._step = np.stack([np.full(ks.size, float(gen)), ks.astype(np.float64), w], axis=1)
@@ -160,7 +145,7 @@ class ES:
             for j, wj in zip(ks, w):
                 self._mean = self._mean + wj * self.epsilon(gen, int(j))
         self._generation += 1
-        self._pending_gen, self._pending_X = None, None
+        self._asked.done()
 
     def step(self) -> np.ndarray:
         """The last update as seed-code rows (g, k, w_k) of (ES-3): what a seeded space applies."""
@@ -171,8 +156,8 @@ class ES:
     def _settings(self) -> dict[str, Any]:
         return {
             "optimizer": self.name,
-            "dim": self._dim,
-            "popsize": self._popsize,
+            "dim": self.dim,
+            "popsize": self.popsize,
             "seed": self._seed,
             "sigma0": self._sigma0,
             "learning_rate": self._lr0,
@@ -189,33 +174,26 @@ class ES:
             **self._settings(),
             "generation": self._generation,
             "mean": self._mean.copy(),
-            "pending_gen": self._pending_gen,
-            "pending_X": None if self._pending_X is None else self._pending_X.copy(),
+            **self._asked.state_dict(),
             "step": self._step.copy(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-            got = state.get("format") if isinstance(state, dict) else type(state).__name__
-            raise ValueError(f"optimizer state: expected format {STATE_FORMAT!r}, got {got!r}")
-        for key, value in self._settings().items():
-            if state.get(key) != value:
-                raise ValueError(f"optimizer state: {key} = {state.get(key)!r} in the checkpoint, but this run has {key} = {value!r}")
+        check_state(state, STATE_FORMAT, self._settings())
         self._generation = int(state["generation"])
         self._mean = np.array(state["mean"], dtype=np.float64, copy=True)
-        self._pending_gen = state["pending_gen"]
-        self._pending_X = None if state["pending_X"] is None else np.array(state["pending_X"], dtype=np.float64, copy=True)
+        self._asked.load_state_dict(state)
         self._step = np.array(state["step"], dtype=np.float64, copy=True)
 
     def digest(self) -> str:
         """sha256 hex over the settings, the generation, the mean and the pending population."""
         h = hashlib.sha256(json.dumps(self._settings(), sort_keys=True).encode())
-        h.update(np.array([self._generation, -1 if self._pending_gen is None else self._pending_gen], dtype="<i8").tobytes())
+        h.update(np.array([self._generation, self._asked.digest_counter()], dtype="<i8").tobytes())
         h.update(np.ascontiguousarray(self._mean, dtype="<f8").tobytes())
-        if self._pending_X is not None:
-            h.update(np.ascontiguousarray(self._pending_X, dtype="<f8").tobytes())
+        if self._asked.X is not None:
+            h.update(np.ascontiguousarray(self._asked.X, dtype="<f8").tobytes())
         return h.hexdigest()
 
     def __repr__(self) -> str:
-        coding = "seed codes" if self._seeded else f"dim={self._dim}"
-        return f"ES({coding}, popsize={self._popsize}, generation={self._generation}, sigma={self.sigma:.4g})"
+        coding = "seed codes" if self._seeded else f"dim={self.dim}"
+        return f"ES({coding}, popsize={self.popsize}, generation={self._generation}, sigma={self.sigma:.4g})"

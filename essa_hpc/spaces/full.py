@@ -34,15 +34,14 @@ class FullSpace:
     name = "full"
     seeded = True
     export_name = "model"
-    solution_length = SEED_CODE_WIDTH
+    solution_length = dim = SEED_CODE_WIDTH  # a row is a seed code (g, k, coefficient)
 
     def __init__(self, loaded: Any, targets: list[str], run_seed: int, base_model: str) -> None:
         self.run_seed = int(run_seed)
-        self.weights = TargetWeights(self.name, loaded, targets, run_seed, separate=True, base_model=base_model)
-
-    @property
-    def dim(self) -> int:
-        return SEED_CODE_WIDTH
+        w = self.weights = TargetWeights(self.name, loaded, targets, run_seed, separate=True, base_model=base_model, delta=self.delta)
+        # the Space protocol's weight operations are the TargetWeights' own (composition, not a base class)
+        self.apply, self.digest, self.export = w.apply, w.digest, w.export
+        self.state_dict, self.load_state_dict = w.state_dict, w.load_state_dict
 
     def epsilon(self, t: Target, gen: int, k: int) -> torch.Tensor:
         """ε_k,i of (F-1), float32 on the CPU."""
@@ -81,25 +80,6 @@ class FullSpace:
             with torch.no_grad():
                 for t in self.weights.targets:
                     t.param.copy_(t.master.to(t.param.dtype))
-
-    # -- the Space protocol ------------------------------------------------------------------------------
-
-    def apply(self, opt: Any) -> None:
-        self.weights.apply(opt.step(), self.delta)
-
-    def digest(self) -> str:
-        return self.weights.digest()
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.weights.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.weights.load_state_dict(state, self.delta)
-
-    def export(self, x: np.ndarray, out: Any) -> None:
-        if np.any(np.asarray(x)[..., COEF]):
-            raise ValueError("full export: expected the zero row (the current weights)")
-        self.weights.export(out, self.delta)
 
 
 def create(cfg: Any, loaded: Any) -> FullSpace:

@@ -65,20 +65,21 @@ class LowRankSpace:
     name = "lowrank"
     seeded = True
     export_name = "model"
-    solution_length = SEED_CODE_WIDTH
+    solution_length = dim = SEED_CODE_WIDTH  # a row is a seed code (g, k, coefficient)
 
     def __init__(self, loaded: Any, targets: list[str], rank: int, run_seed: int, base_model: str) -> None:
         self.rank, self.run_seed = int(rank), int(run_seed)
-        self.weights = TargetWeights(self.name, loaded, targets, run_seed, separate=False, base_model=base_model)
+        w = self.weights = TargetWeights(
+            self.name, loaded, targets, run_seed, separate=False, base_model=base_model, delta=self.delta, wrapped=self.wrapped_names
+        )
+        # the Space protocol's weight operations are the TargetWeights' own (composition, not a base class)
+        self.apply, self.digest, self.export = w.apply, w.digest, w.export
+        self.state_dict, self.load_state_dict = w.state_dict, w.load_state_dict
         for t in self.weights.targets:
             m, n = t.shape
             if self.rank > min(m, n):
                 raise SpaceError(f"search.rank={self.rank} exceeds the dimensions {m}×{n} of {t.name}")
         self._wrapped: list[tuple[str, nn.Module, LowRankLinear]] = []
-
-    @property
-    def dim(self) -> int:
-        return SEED_CODE_WIDTH
 
     # -- the noise --------------------------------------------------------------------------------------
 
@@ -119,6 +120,10 @@ class LowRankSpace:
             out.append((t.name, w))
         return out
 
+    def wrapped_names(self) -> list[str]:
+        """The layers ``wrap`` replaced (export writes their weights under the original names)."""
+        return [n for n, _, _ in self._wrapped]
+
     def unwrap(self, model: Any) -> None:
         for name, module, _ in reversed(self._wrapped):
             parent_path, _, leaf = name.rpartition(".")
@@ -141,25 +146,6 @@ class LowRankSpace:
                 As.append((float(r[COEF]) / math.sqrt(self.rank)) * A.T)
             out.append((torch.stack(Bs).to(device, dtype), torch.stack(As).to(device, dtype)))
         return out
-
-    # -- the Space protocol ------------------------------------------------------------------------------
-
-    def apply(self, opt: Any) -> None:
-        self.weights.apply(opt.step(), self.delta)
-
-    def digest(self) -> str:
-        return self.weights.digest()
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.weights.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.weights.load_state_dict(state, self.delta)
-
-    def export(self, x: np.ndarray, out: Any) -> None:
-        if np.any(np.asarray(x)[..., COEF]):
-            raise ValueError("lowrank export: expected the zero row (the current weights)")
-        self.weights.export(out, self.delta, wrapped=[n for n, _, _ in self._wrapped])
 
 
 def create(cfg: Any, loaded: Any) -> LowRankSpace:

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from essa_hpc.spaces.base import SpaceError
+from essa_hpc.spaces.base import COEF, SpaceError
 
 STATE_FORMAT = "essa-seeded-space-1"
 DELTA_DIR = "delta"  # inside the exported model folder (transformers and vLLM read only the top level)
@@ -73,11 +73,28 @@ def find_targets(model: Any, targets: Sequence[str]) -> list[tuple[str, nn.Linea
     return found
 
 
-class TargetWeights:
-    """The float32 masters of the target matrices, their update history and the shared operations."""
+Delta = Callable[[Target, np.ndarray], torch.Tensor]  # Σ_k w_k E_k of one target for update rows, float32 [out, in]
 
-    def __init__(self, space: str, loaded: Any, targets: Sequence[str], run_seed: int, separate: bool, base_model: str) -> None:
+
+class TargetWeights:
+    """The float32 masters of the target matrices, their update history, and the Space protocol's weight
+    operations (``apply``, ``digest``, ``state_dict``, ``load_state_dict``, ``export``), which a seeded
+    space takes over as its own: the space supplies only ``delta`` (how its noise sums to an update) and
+    the names of layers its backend wrapped (``wrapped``)."""
+
+    def __init__(
+        self,
+        space: str,
+        loaded: Any,
+        targets: Sequence[str],
+        run_seed: int,
+        separate: bool,
+        base_model: str,
+        delta: Delta,
+        wrapped: Callable[[], Sequence[str]] = tuple,
+    ) -> None:
         self.space, self.loaded, self.run_seed, self.base_model = space, loaded, int(run_seed), base_model
+        self.delta, self.wrapped = delta, wrapped
         model = loaded.model
         self.targets: list[Target] = []
         for i, (name, module) in enumerate(find_targets(model, targets)):
@@ -95,12 +112,16 @@ class TargetWeights:
         if t.master is not t.param:
             t.param.copy_(t.master.to(t.param.dtype))
 
-    def apply(self, rows: np.ndarray, delta: Callable[[Target, np.ndarray], torch.Tensor]) -> None:
-        """W_i ← W_i + delta(i, rows) for every target, in float32 (delta returns float32 [out, in])."""
+    def apply(self, opt: Any) -> None:
+        """The optimizer's last update (its seed-code rows) on every target."""
+        self.add(opt.step())
+
+    def add(self, rows: np.ndarray) -> None:
+        """W_i ← W_i + delta(i, rows) for every target, in float32."""
         rows = np.array(rows, dtype=np.float64, copy=True)
         with torch.no_grad(), one_thread():
             for t in self.targets:
-                t.master.add_(delta(t, rows).to(t.master.device))
+                t.master.add_(self.delta(t, rows).to(t.master.device))
                 self.sync(t)
         self.history.append(rows)
 
@@ -115,7 +136,7 @@ class TargetWeights:
     def state_dict(self) -> dict[str, Any]:
         return {"format": STATE_FORMAT, "space": self.space, "steps": [r.copy() for r in self.history], "digest": self.digest()}
 
-    def load_state_dict(self, state: dict[str, Any], delta: Callable[[Target, np.ndarray], torch.Tensor]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         """Replay the checkpoint's updates on the freshly loaded base weights, then check their digest."""
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT or state.get("space") != self.space:
             got = (state.get("format"), state.get("space")) if isinstance(state, dict) else type(state).__name__
@@ -123,32 +144,36 @@ class TargetWeights:
         if self.history:
             raise RuntimeError(f"search space {self.space}: replay needs the base weights; {len(self.history)} updates are applied")
         for rows in state["steps"]:
-            self.apply(rows, delta)
+            self.add(rows)
         if self.digest() != state["digest"]:
             raise ValueError(
                 f"search space {self.space}: the replayed weights differ from the checkpoint's (digest {self.digest()[:16]} vs "
                 f"{str(state['digest'])[:16]}); another base model, torch version or device?"
             )
 
-    def delta_tensors(self, delta: Callable[[Target, np.ndarray], torch.Tensor]) -> dict[str, torch.Tensor]:
+    def delta_tensors(self) -> dict[str, torch.Tensor]:
         """Σ over the history of every target's update, float32, accumulated in the same order on zeros."""
         out = {}
         with torch.no_grad(), one_thread():
             for t in self.targets:
                 acc = torch.zeros(t.shape, dtype=torch.float32)
                 for rows in self.history:
-                    acc.add_(delta(t, rows).cpu())
+                    acc.add_(self.delta(t, rows).cpu())
                 out[f"{t.name}.weight"] = acc
         return out
 
-    def export(self, out: Path, delta: Callable[[Target, np.ndarray], torch.Tensor], wrapped: Sequence[str] = ()) -> None:
+    def export(self, x: np.ndarray, out: Path) -> None:
         """``out``: an HF model folder (safetensors, config, tokenizer) of the current weights, and
-        ``out/delta/`` with the update alone (``delta.safetensors``: W = W_base + delta per parameter)."""
+        ``out/delta/`` with the update alone (``delta.safetensors``: W = W_base + delta per parameter).
+        ``x`` must be the zero row: a seeded space's mean is the weights themselves."""
         from safetensors.torch import save_file
 
         from essa_hpc.svd_lora import atomic_dir
 
+        if np.any(np.asarray(x)[..., COEF]):
+            raise ValueError(f"{self.space} export: expected the zero row (the current weights)")
         model, tok = self.loaded.model, self.loaded.tokenizer
+        wrapped = list(self.wrapped())
         state = {}
         for key, value in model.state_dict().items():
             for w in wrapped:  # a wrapper installed by the backend keeps the original layer as .base
@@ -160,7 +185,7 @@ class TargetWeights:
             if tok is not None:
                 tok.save_pretrained(tmp)
             (tmp / DELTA_DIR).mkdir()
-            save_file({k: v.contiguous() for k, v in self.delta_tensors(delta).items()}, str(tmp / DELTA_DIR / "delta.safetensors"))
+            save_file({k: v.contiguous() for k, v in self.delta_tensors().items()}, str(tmp / DELTA_DIR / "delta.safetensors"))
             meta = {
                 "space": self.space,
                 "base_model": self.base_model,
