@@ -91,14 +91,14 @@ def arithmetic(n: int, seed: int = 0) -> list[tuple[str, int]]:
     return out
 
 
-def timed(fn: Any) -> tuple[float, float, float, Any]:
-    """(wall s, process CPU s, peak RSS growth MB, result). With one torch thread the CPU time is the work
+def timed(fn: Any, *args: Any, **kw: Any) -> tuple[float, float, float, Any]:
+    """(wall s, process CPU s, peak RSS growth MB, fn(*args, **kw)). With one torch thread the CPU time is the work
     done, free of the time other jobs on the shared box held the core; wall time is reported beside it.
     Memory: peak RSS during the call minus RSS before it (the resident models are not counted)."""
     reset_peak()
     before = status_mb("VmRSS")
     t, c = time.perf_counter(), time.process_time()
-    result = fn()
+    result = fn(*args, **kw)
     return time.perf_counter() - t, time.process_time() - c, status_mb("VmHWM") - before, result
 
 

@@ -25,13 +25,9 @@ for the ratios (wall seconds are reported too); treat them as indicative.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import platform
-import resource
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,31 +42,10 @@ from essa_hpc.search import ES
 from essa_hpc.spaces.full import FullSpace
 from essa_hpc.spaces.lowrank import LowRankSpace
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_eval import timed
+
 PROMPTS = ["What is 12 + 7?", "Name a prime number.", "2, 4, 6, what comes next?", "Say hello."]
-
-
-def reset_peak() -> None:
-    with contextlib.suppress(OSError):
-        Path("/proc/self/clear_refs").write_text("5")
-
-
-def status_mb(field: str) -> float:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def timed(fn: Callable[..., Any], *args: Any, **kw: Any) -> tuple[float, float, float, Any]:
-    """(wall s, process-CPU s, peak RSS growth MB, fn(*args, **kw))."""
-    reset_peak()
-    before = status_mb("VmRSS")
-    t, c = time.perf_counter(), time.process_time()
-    out = fn(*args, **kw)
-    return time.perf_counter() - t, time.process_time() - c, status_mb("VmHWM") - before, out
 
 
 def load(name: str) -> Any:

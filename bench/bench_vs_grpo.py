@@ -52,6 +52,8 @@ ESSA_VARIANTS: dict[str, list[str]] = {
     "sigma03": ["search.sigma0=0.3"],
     "crn_s03": ["backend.temperature=0.7", "search.common_random_numbers=true", "search.sigma0=0.3"],
     "ranks": ["search.fitness_shaping=centered_ranks"],
+    # fewer candidates, each scored on 4x the prompts (reward SE halves), full-covariance CMA as the paper
+    "full_l8_b64": ["search.diagonal=false", "search.popsize=8", "task.batch_size=64"],
 }
 
 
