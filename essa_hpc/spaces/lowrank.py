@@ -69,6 +69,7 @@ class LowRankSpace:
 
     def __init__(self, loaded: Any, targets: list[str], rank: int, run_seed: int, base_model: str) -> None:
         self.rank, self.run_seed = int(rank), int(run_seed)
+        self._wrapped: list[tuple[str, nn.Module, LowRankLinear]] = []  # (path, original, wrapper) while wrapped
         w = self.weights = TargetWeights(
             self.name, loaded, targets, run_seed, separate=False, base_model=base_model, delta=self.delta, wrapped=self.wrapped_names
         )
@@ -79,7 +80,6 @@ class LowRankSpace:
             m, n = t.shape
             if self.rank > min(m, n):
                 raise SpaceError(f"search.rank={self.rank} exceeds the dimensions {m}×{n} of {t.name}")
-        self._wrapped: list[tuple[str, nn.Module, LowRankLinear]] = []
 
     # -- the noise --------------------------------------------------------------------------------------
 
