@@ -806,6 +806,13 @@ def _validate_space(cfg: Config, need: Any) -> None:
         need(0 < s.sigma_decay <= 1, "search.sigma_decay", f"expected 0 < sigma_decay <= 1, got {s.sigma_decay}")
     if s.space == "qes":
         _validate_qes(cfg, need)
+    if s.space != "svd_lora":
+        need(
+            not cfg.lora.adapter,
+            "lora.adapter",
+            f"search.space={s.space} searches the base weights and loads no adapter (it would be ignored); "
+            f"merge it into a model folder first (essa-merge {cfg.lora.adapter} OUT) and set model.path=OUT",
+        )
     if s.space in SEEDED_SPACES:
         need(s.rank >= 1, "search.rank", f"expected a perturbation rank >= 1, got {s.rank}")
         need(

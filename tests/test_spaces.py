@@ -230,6 +230,25 @@ def test_bad_space_config_exits_2_naming_the_key(overrides, key, capsys, tmp_pat
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("space", ["lowrank", "full", "qes"])
+def test_a_weight_space_refuses_an_adapter_it_would_ignore(space, capsys, tmp_path):
+    """lora.adapter with a space that searches the base weights: exit 2 naming the key and essa-merge,
+    before any model is loaded (a silently ignored starting point would make a comparison meaningless)."""
+    from essa_hpc import run
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    runs = tmp_path / "runs"
+    args = ["--set", f"search.space={space}", "--set", "search.optimizer=es", "--set", "search.popsize=4"]
+    args += ["--set", f"lora.adapter={adapter}", "--set", f"run.dir={runs}"]
+    args += ["--set", "model.quantization=int8"] if space == "qes" else []
+    assert run.main(args) == exit_codes.BAD_INPUT
+    err = capsys.readouterr().err
+    assert "lora.adapter" in err and "essa-merge" in err and len(err.strip().splitlines()) == 1, err
+    assert not runs.exists() or not any(runs.iterdir())
+
+
 def test_targets_matching_nothing_exit_2_naming_the_key(capsys, tmp_path):
     from essa_hpc import run
 
