@@ -224,10 +224,17 @@ def test_bad_space_config_exits_2_naming_the_key(overrides, key, capsys, tmp_pat
     from essa_hpc import run
 
     args = [a for o in overrides for a in ("--set", o)] + ["--set", f"run.dir={tmp_path}"]
-    assert run.main(args) == exit_codes.BAD_INPUT
-    err = capsys.readouterr().err
-    assert key in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    err = _exits_2_in_one_line(run.main(args), capsys)
+    assert key in err
     assert not any(tmp_path.iterdir())
+
+
+def _exits_2_in_one_line(status: int, capsys) -> str:
+    """The bad-input contract: exit 2 and one line on stderr, no traceback; returns that line."""
+    assert status == exit_codes.BAD_INPUT
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    return err
 
 
 @pytest.mark.parametrize("space", ["lowrank", "full", "qes"])
@@ -243,9 +250,8 @@ def test_a_weight_space_refuses_an_adapter_it_would_ignore(space, capsys, tmp_pa
     args = ["--set", f"search.space={space}", "--set", "search.optimizer=es", "--set", "search.popsize=4"]
     args += ["--set", f"lora.adapter={adapter}", "--set", f"run.dir={runs}"]
     args += ["--set", "model.quantization=int8"] if space == "qes" else []
-    assert run.main(args) == exit_codes.BAD_INPUT
-    err = capsys.readouterr().err
-    assert "lora.adapter" in err and "essa-merge" in err and len(err.strip().splitlines()) == 1, err
+    err = _exits_2_in_one_line(run.main(args), capsys)
+    assert "lora.adapter" in err and "essa-merge" in err
     assert not runs.exists() or not any(runs.iterdir())
 
 
