@@ -54,6 +54,10 @@ ESSA_VARIANTS: dict[str, list[str]] = {
     "ranks": ["search.fitness_shaping=centered_ranks"],
     # fewer candidates, each scored on 4x the prompts (reward SE halves), full-covariance CMA as the paper
     "full_l8_b64": ["search.diagonal=false", "search.popsize=8", "task.batch_size=64"],
+    # the mean takes a quarter of each selected step; candidates keep σ0 1.0 (answers change, rewards differ)
+    "cmean025": ["search.cmean=0.25"],
+    # OpenAI-ES on the singular values: antithetic pairs on the same prompts, centred ranks, α decoupled from σ
+    "es_a1": ["search.optimizer=es", "search.learning_rate=1.0", "search.fitness_shaping=centered_ranks"],
 }
 
 

@@ -142,6 +142,10 @@ class SearchSection:
         True,
         "sep-CMA (diagonal covariance): linear cost in d; full CMA is O(d²) memory and O(d³) per eigendecomposition. The paper runs full-covariance CMA-ES (its presets here set false); the CPU default is sep-CMA because full CMA's ask+tell misses the per-generation budget on 2 CPU cores at the paper's d (bench/results/search.json; docs/design.md, \"The paper's settings\").",
     )
+    cmean: float = _f(
+        1.0,
+        "cma: learning rate c_m of the mean, m ← m + c_m Σ w_i (x_{i:λ} − m) (Hansen 2016 eq. (9), pycma's CMA_cmean). Below 1 the mean takes that fraction of each selected step while candidates keep their spread σ: with noisy rewards (few prompts per candidate) the mean drifts less per generation and averages the selections of ~1/c_m generations.",
+    )
     digest_every: int = _f(1, "Compare a hash of the optimizer state across ranks every this many generations.")
     digest_repair: bool = _f(False, "On a digest mismatch, copy rank 0's state instead of stopping the job.")
     fitness_shaping: str = _f("none", "none (raw −reward), centered_ranks or zscore (es: standardized rewards, es-at-scale's).")
@@ -641,6 +645,7 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     _validate_space(cfg, need)
     need(s.sigma0 > 0 and math.isfinite(s.sigma0), "search.sigma0", f"expected a finite step size > 0, got {s.sigma0}")
     need(s.digest_every >= 1, "search.digest_every", f"expected >= 1, got {s.digest_every}")
+    need(0 < s.cmean <= 1, "search.cmean", f"expected a mean learning rate 0 < c_m <= 1, got {s.cmean}")
     need(
         s.fitness_shaping in FITNESS_SHAPING_NAMES,
         "search.fitness_shaping",
@@ -804,6 +809,11 @@ def _validate_space(cfg: Config, need: Any) -> None:
         )
         need(0 < s.lr_decay <= 1, "search.lr_decay", f"expected 0 < lr_decay <= 1, got {s.lr_decay}")
         need(0 < s.sigma_decay <= 1, "search.sigma_decay", f"expected 0 < sigma_decay <= 1, got {s.sigma_decay}")
+        need(
+            s.cmean == 1,
+            "search.cmean",
+            f"is CMA-ES's mean learning rate; search.optimizer=es steps by search.learning_rate, got {s.cmean}",
+        )
     if s.space == "qes":
         _validate_qes(cfg, need)
     if s.space != "svd_lora":

@@ -89,6 +89,8 @@ def test_overrides_are_typed() -> None:
         ("log.checkpoint_every=0", "log.checkpoint_every"),
         ("eval.every=-1", "eval.every"),
         ("search.digest_every=0", "search.digest_every"),
+        ("search.cmean=0", "search.cmean"),
+        ("search.cmean=1.5", "search.cmean"),
         ("backend.name=vlm", "did you mean vllm"),
         ("backend.max_loras=-1", "backend.max_loras"),
         ("backend.max_model_len=-5", "backend.max_model_len"),

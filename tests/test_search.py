@@ -211,6 +211,25 @@ def test_make_optimizer_from_config() -> None:
     assert opt.ask(0).shape == (16, 24)
 
 
+@pytest.mark.parametrize("diagonal", [False, True], ids=["full", "diag"])
+def test_cmean_moves_the_mean_a_fraction_and_adapts_sigma_alike(diagonal: bool) -> None:
+    """search.cmean = c_m: the first mean is c_m times the c_m = 1 mean (both start at 0, same candidates),
+    while σ adapts identically (pycma divides c_m back out of the evolution paths)."""
+    full = make_optimizer(SearchSection(popsize=10, sigma0=0.5, diagonal=diagonal), 30, seed=3)
+    part = make_optimizer(SearchSection(popsize=10, sigma0=0.5, diagonal=diagonal, cmean=0.25), 30, seed=3)
+    X, Xp = full.ask(0), part.ask(0)
+    assert np.array_equal(X, Xp)
+    full.tell(X, sphere(X, 1.0))
+    part.tell(Xp, sphere(Xp, 1.0))
+    assert np.allclose(part.mean, 0.25 * full.mean, rtol=1e-12, atol=1e-15) and np.linalg.norm(full.mean) > 0.1
+    assert part.sigma == pytest.approx(full.sigma, rel=1e-12)
+    assert part.digest() != full.digest()
+    with pytest.raises(ValueError, match=r"cmean = 1\.0 in the checkpoint"):
+        part.load_state_dict(full.state_dict())
+    with pytest.raises(ValueError, match=r"search\.cmean"):
+        CMAES(10, 8, 0.5, seed=0, cmean=0.0)
+
+
 def test_centered_ranks() -> None:
     assert np.array_equal(centered_ranks(np.array([3.0, 1.0, 2.0])), [0.5, -0.5, 0.0])
     r = centered_ranks(np.array([1.0, 0.0, 1.0, 5.0, 1.0]))

@@ -114,12 +114,15 @@ class GenerationNormals:
         return {"seed": self.seed, "gen": self.gen, "bit_generator": None if self.rng is None else self.rng.bit_generator.state}
 
 
-def pycma_options(popsize: int, diagonal: bool, randn: Any) -> dict[str, Any]:
+def pycma_options(popsize: int, diagonal: bool, randn: Any, cmean: float = 1.0) -> dict[str, Any]:
     """The pycma options every rank uses (see the module docstring for why each is pinned)."""
     inf = math.inf
     return {
         "popsize": popsize,  # λ (Hansen 2016 eq. (48) is pycma's default; ESSA sets it explicitly)
         "CMA_diagonal": bool(diagonal),  # True: sep-CMA (Ros & Hansen 2008), C diagonal, O(d) per update
+        # c_m of m ← m + c_m σ Σ w_i y_{i:λ} (eq. (9)); pycma divides it back out of the paths (eqs. (43), (45)),
+        # so σ and C adapt as at c_m = 1 while the mean takes a c_m fraction of the selected step
+        "CMA_cmean": float(cmean),
         "CMA_mirrors": 0,  # no mirrored sampling: λ independent candidates; avoids Mh.sround's global RNG
         "randn": randn,  # z_k ~ N(0, I), eq. (38), from the optimizer's own Generator
         "seed": np.nan,  # "do nothing": pycma neither seeds nor reads the global np.random
@@ -190,6 +193,7 @@ class CMAES:
         diagonal: bool = True,
         fitness_shaping: str = "none",
         blas_threads: int = 1,
+        cmean: float = 1.0,
     ) -> None:
         for key, value in (("dim", dim), ("search.popsize", popsize), ("seed", seed), ("blas_threads", blas_threads)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
@@ -210,6 +214,8 @@ class CMAES:
             raise ValueError(f"search.fitness_shaping: expected one of {FITNESS_SHAPINGS}, got {fitness_shaping!r}")
         if blas_threads < 1:
             raise ValueError(f"blas_threads: expected >= 1, got {blas_threads}")
+        if not (isinstance(cmean, (int, float)) and 0 < cmean <= 1):
+            raise ValueError(f"search.cmean: expected a mean learning rate 0 < c_m <= 1, got {cmean!r}")
         self.dim: Final[int] = int(dim)  # the Optimizer protocol's read-only d and λ
         self.popsize: Final[int] = int(popsize)
         self._sigma0 = float(sigma0)
@@ -217,10 +223,12 @@ class CMAES:
         self._diagonal = bool(diagonal)
         self._fitness_shaping = fitness_shaping
         self._blas_threads = int(blas_threads)
+        self._cmean = float(cmean)
         self._randn = GenerationNormals(self._seed)
         with self._pinned():
             # m^(0) = 0 (the SFT adapter), σ^(0) = sigma0, C^(0) = I (pycma adds a 1e-4/d spread to the diagonal)
-            self._es = cma.CMAEvolutionStrategy(np.zeros(self.dim), self._sigma0, pycma_options(self.popsize, self._diagonal, self._randn))
+            options = pycma_options(self.popsize, self._diagonal, self._randn, self._cmean)
+            self._es = cma.CMAEvolutionStrategy(np.zeros(self.dim), self._sigma0, options)
         if self._es.sm.randn is not self._randn or self._es.popsize != self.popsize:
             raise RuntimeError("pycma did not take the pinned sampler or population size; check the pycma version")
         self._asked = Handshake()
@@ -302,6 +310,7 @@ class CMAES:
             "seed": self._seed,
             "diagonal": self._diagonal,
             "fitness_shaping": self._fitness_shaping,
+            "cmean": self._cmean,
         }
 
     def state_dict(self) -> dict[str, Any]:

@@ -49,4 +49,5 @@ def make_optimizer(cfg: SearchSection, dim: int, seed: int, seeded: bool = False
         seed=seed,
         diagonal=cfg.diagonal,
         fitness_shaping=cfg.fitness_shaping,
+        cmean=cfg.cmean,
     )
