@@ -295,8 +295,8 @@ def test_cli_bad_input_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert not (tmp_path / "sweeps").exists()
 
 
-def test_cli_without_slurm_asks_for_a_cluster(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+def test_cli_without_slurm_asks_for_a_cluster(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # no srun (the slurm tier may have installed one in /usr/bin)
     assert S.main(["--run-dir", "/nonexistent"]) == 2
     assert "use --cluster local" in capsys.readouterr().err
 
