@@ -132,6 +132,7 @@ def _load_reference() -> Any:
         return None
     import nltk
 
+    download = nltk.download
     nltk.download = lambda *a, **k: False  # never reach for the network at import (punkt is a download)
     saved = {k: sys.modules.get(k) for k in ("lm_eval.tasks", "lm_eval.tasks.ifeval")}
     try:
@@ -141,6 +142,7 @@ def _load_reference() -> Any:
             sys.modules[name] = stub
         return importlib.import_module("lm_eval.tasks.ifeval.instructions_registry")
     finally:
+        nltk.download = download
         for name, module in saved.items():
             if module is None:
                 sys.modules.pop(name, None)
