@@ -58,6 +58,15 @@ ESSA_VARIANTS: dict[str, list[str]] = {
     "cmean025": ["search.cmean=0.25"],
     # OpenAI-ES on the singular values: antithetic pairs on the same prompts, centred ranks, α decoupled from σ
     "es_a1": ["search.optimizer=es", "search.learning_rate=1.0", "search.fitness_shaping=centered_ranks"],
+    # EGGROLL-style rank-1 perturbations of every linear layer of the merged SFT model, with es-at-scale's
+    # σ 0.001 and z-scored rewards; its α 5e-4 multiplies (1/n) Σ R_i ε_i, ours α/(nσ) Σ F_i ε_i, so α·σ
+    "lowrank_es": [
+        "search.space=lowrank",
+        "search.optimizer=es",
+        "search.sigma0=0.001",
+        "search.learning_rate=5e-7",
+        "search.fitness_shaping=zscore",
+    ],
 }
 
 
@@ -128,6 +137,24 @@ def sft_adapter(work: Path, common: list[str], args: argparse.Namespace) -> tupl
     }
 
 
+def merged_model(adapter: Path) -> Path:
+    """The SFT adapter merged into the base weights (essa-merge), cached beside it: the start of the
+    weight spaces (lowrank, full), which search the base weights and refuse lora.adapter."""
+    out = adapter.with_name(adapter.name + "-merged")
+    if not (out / "config.json").is_file():
+        cmd = [sys.executable, "-m", "essa_hpc.export", "--merge", str(adapter), "--out", str(out)]
+        r = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True)
+        if r.returncode != 0:
+            raise SystemExit(f"essa-merge failed ({r.returncode}):\n{r.stderr[-2000:]}")
+    return out
+
+
+def start_of(variant: list[str], adapter: Path) -> str:
+    """Where an ESSA variant starts from the SFT: its adapter (svd_lora), or the merged model (weight spaces)."""
+    space = next((o.split("=", 1)[1] for o in variant if o.startswith("search.space=")), "svd_lora")
+    return f"lora.adapter={adapter}" if space == "svd_lora" else f"model.path={merged_model(adapter)}"
+
+
 def jobs(args: argparse.Namespace, common: list[str], adapter: Path, work: Path) -> list[dict[str, Any]]:
     budget = 60.0 * args.budget_min
     out: list[dict[str, Any]] = []
@@ -140,7 +167,7 @@ def jobs(args: argparse.Namespace, common: list[str], adapter: Path, work: Path)
                 "module": "essa_hpc.run",
                 "overrides": [
                     *common,
-                    f"lora.adapter={adapter}",
+                    start_of(ESSA_VARIANTS[v], adapter),
                     f"run.seed={seed}",
                     f"run.train_budget_s={budget}",
                     "run.generations=100000",
