@@ -56,6 +56,9 @@ ESSA_VARIANTS: dict[str, list[str]] = {
     "full_l8_b64": ["search.diagonal=false", "search.popsize=8", "task.batch_size=64"],
     # the mean takes a quarter of each selected step; candidates keep σ0 1.0 (answers change, rewards differ)
     "cmean025": ["search.cmean=0.25"],
+    # the paper's offsets σ = σ_sft + x (one absolute σ0 for all factors: here A's mean σ is ~0.6, B's ~0.07),
+    # with the mean learning rate of cmean025
+    "offset_cmean": ["lora.parametrization=offset", "search.sigma0=0.2", "search.cmean=0.25"],
     # OpenAI-ES on the singular values: antithetic pairs on the same prompts, centred ranks, α decoupled from σ
     "es_a1": ["search.optimizer=es", "search.learning_rate=1.0", "search.fitness_shaping=centered_ranks"],
     # EGGROLL-style rank-1 perturbations of every linear layer of the merged SFT model, with es-at-scale's
