@@ -56,6 +56,7 @@ class WandbTracker:
         import wandb
 
         self.wandb = wandb
+        mode: Any = os.environ.get("WANDB_MODE", "offline")  # wandb validates it (online, offline, disabled, ...)
         self.run = wandb.init(
             project=project,
             name=name,
@@ -63,7 +64,7 @@ class WandbTracker:
             resume="allow",
             dir=str(run_dir),
             config=config,
-            mode=os.environ.get("WANDB_MODE", "offline"),
+            mode=mode,
         )
         self.run.define_metric("generation")
         self.run.define_metric("*", step_metric="generation")

@@ -226,6 +226,12 @@ def test_cmean_moves_the_mean_a_fraction_and_adapts_sigma_alike(diagonal: bool) 
     assert part.digest() != full.digest()
     with pytest.raises(ValueError, match=r"cmean = 1\.0 in the checkpoint"):
         part.load_state_dict(full.state_dict())
+    older = {k: v for k, v in full.state_dict().items() if k != "cmean"}  # written before search.cmean
+    resumed = make_optimizer(SearchSection(popsize=10, sigma0=0.5, diagonal=diagonal), 30, seed=3)
+    resumed.load_state_dict(older)
+    assert resumed.digest() == full.digest()
+    with pytest.raises(ValueError, match="cmean"):
+        part.load_state_dict(older)
     with pytest.raises(ValueError, match=r"search\.cmean"):
         CMAES(10, 8, 0.5, seed=0, cmean=0.0)
 

@@ -347,6 +347,8 @@ class CMAES:
 
         The state is unpickled: load checkpoints you wrote yourself only.
         """
+        if isinstance(state, dict) and "cmean" not in state:
+            state = {**state, "cmean": 1.0}  # checkpoints from before search.cmean existed ran at c_m = 1
         check_state(state, STATE_FORMAT, self._settings())
         if state.get("cma_version") != cma.__version__:
             raise ValueError(
