@@ -312,6 +312,7 @@ ADDED_SINCE_FIRST_RELEASE = (
     "log.wandb_project",
     "lora.export_dtype",
     "search.antithetic",
+    "search.cmean",
     "search.common_random_numbers",
     "search.learning_rate",
     "search.lr_decay",
