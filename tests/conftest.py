@@ -39,6 +39,17 @@ def run_cli(
     return subprocess.run(cmd, cwd=cwd, env=env or cli_env(), capture_output=True, text=True, timeout=timeout)
 
 
+def logged_generations(log: Path) -> int:
+    """Generations a (possibly live, SWMR) log.h5 holds so far; 0 before the file or its rows exist."""
+    import h5py
+
+    try:
+        with h5py.File(log, "r", libver="latest", swmr=True) as f:
+            return int(f["gen/sigma"].shape[0])
+    except (OSError, KeyError):
+        return 0
+
+
 def have_mpi() -> str | None:
     """None when this venv can start MPI ranks, else why not (the tests marked mpi then skip, saying so)."""
     import importlib.util

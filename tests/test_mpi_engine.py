@@ -21,7 +21,7 @@ import pytest
 
 from essa_hpc.run import REQUEUE_EXIT_CODE
 
-from .conftest import REPO, cli_env, mpiexec, run_cli
+from .conftest import REPO, cli_env, logged_generations, mpiexec, run_cli
 
 pytestmark = pytest.mark.mpi
 
@@ -140,13 +140,8 @@ def _wait_generations(log: Path, n: int, proc: subprocess.Popen[str], timeout: f
     t0 = time.time()
     while time.time() - t0 < timeout:
         assert proc.poll() is None, "the run ended before it was interrupted"
-        if log.exists():
-            try:
-                with h5py.File(log, "r", libver="latest", swmr=True) as f:
-                    if f["gen/sigma"].shape[0] >= n:
-                        return
-            except (OSError, KeyError):
-                pass
+        if logged_generations(log) >= n:
+            return
         time.sleep(0.2)
     raise AssertionError(f"{log} never reached {n} generations")
 

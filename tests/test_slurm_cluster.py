@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 from . import real_slurm
-from .conftest import BIN, REPO
+from .conftest import BIN, REPO, logged_generations
 
 pytestmark = [pytest.mark.slurm, pytest.mark.mpi]
 
@@ -82,14 +82,6 @@ def finished(job_id: str) -> bool:
     return job(job_id)["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
 
 
-def generations(log: Path) -> int:
-    try:
-        with h5py.File(log, "r", libver="latest", swmr=True) as f:
-            return int(f["gen/rewards"].shape[0])
-    except (OSError, KeyError):
-        return 0
-
-
 def read(log: Path) -> dict[str, np.ndarray]:
     with h5py.File(log, "r") as f:
         return {k: f[k][()] for k in SAME}
@@ -119,7 +111,7 @@ def test_usr2_preemption_requeues_and_resumes_to_the_uninterrupted_log(cluster: 
     whole = sbatch(tmp_path, env)
     cut = sbatch(tmp_path, env)
     cut_log = tmp_path / "runs" / f"fake_scaling_{cut}" / "log.h5"
-    wait_for("3 generations of the job to preempt", lambda: generations(cut_log) >= 3 or finished(cut))
+    wait_for("3 generations of the job to preempt", lambda: logged_generations(cut_log) >= 3 or finished(cut))
     assert not finished(cut), "the job ended before it could be preempted; raise the generations"
     p = subprocess.run(["scancel", "--signal=USR2", "--batch", cut], capture_output=True, text=True, timeout=30)
     assert p.returncode == 0, p.stderr
@@ -178,7 +170,7 @@ def test_a_dead_rank_ends_the_job_without_requeue(cluster: real_slurm.Cluster, t
     env = job_env(tmp_path, ESSA_GENERATIONS="100000", ESSA_SET=f"{FAST} backend.fake_sleep_s=0.02")
     jid = sbatch(tmp_path, env)
     log = tmp_path / "runs" / f"fake_scaling_{jid}" / "log.h5"
-    wait_for("2 generations", lambda: generations(log) >= 2)
+    wait_for("2 generations", lambda: logged_generations(log) >= 2)
     pid = _rank_pid(jid, 1)
     assert pid is not None, "rank 1's python not found in /proc"
     os.kill(pid, signal.SIGKILL)
