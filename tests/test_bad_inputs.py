@@ -411,7 +411,8 @@ def test_digest_ignores_cosmetic_keys_and_old_checkpoints_resume(tmp_path: Path)
     from essa_hpc import checkpoint
     from essa_hpc.config import ADDED_SINCE_FIRST_RELEASE, Config, digest_diff
 
-    a = Config()
+    # the first release's defaults: its 3-step SFT warm start, and the full CMA mean step of before search.cmean
+    a = Config().replace(**{"sft.steps": 3, "sft.learning_rate": 2e-3, "search.cmean": 1.0})
     for key, value in (("log.progress", False), ("run.dir", "/elsewhere"), ("run.name", "moved"), ("log.checkpoint_every", 7)):
         assert a.replace(**{key: value}).digest() == a.digest(), key
     assert a.replace(**{"search.sigma0": 0.5}).digest() != a.digest()
@@ -428,6 +429,8 @@ def test_digest_ignores_cosmetic_keys_and_old_checkpoints_resume(tmp_path: Path)
     assert a.legacy_digest() == "77c3821f2381b6e9"
     assert a.replace(**{"search.sigma0": 0.5, "task.batch_size": 32}).legacy_digest() == "056eaf9ecd001190"
     assert a.replace(**{"search.space": "lowrank", "search.optimizer": "es"}).legacy_digest() is None  # a new key set: not an old run
+    assert a.replace(**{"search.cmean": 0.5}).legacy_digest() is None  # pycma's c_m was 1 before the key existed
+    assert Config().legacy_digest() != a.legacy_digest()  # today's defaults train another SFT: not an old default run
     checkpoint.save(tmp_path, {"gen": 1, "config_digest": old})
     assert checkpoint.load(tmp_path, a.digest(), accept=(a.legacy_digest(),))["gen"] == 1
     assert digest_diff(a.to_dict(), a.replace(**{"search.popsize": 5, "log.progress": False}).to_dict()) == "search.popsize: 16 -> 5"

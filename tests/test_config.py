@@ -109,6 +109,15 @@ def test_bad_values_name_the_field(override: str, needle: str) -> None:
     assert needle in str(e.value)
 
 
+def test_cmean_belongs_to_cma() -> None:
+    """es has no mean learning rate: its default value is accepted (a config need not spell it), any other
+    value with search.optimizer=es is refused by name."""
+    es = ["search.optimizer=es", "search.learning_rate=1.0"]
+    assert load_config(overrides=es).search.optimizer == "es"
+    with pytest.raises(ConfigError, match=r"search\.cmean.*search\.learning_rate.*got 1\.0"):
+        load_config(overrides=[*es, "search.cmean=1.0"])
+
+
 def test_unknown_key_suggests_close_match() -> None:
     with pytest.raises(ConfigError) as e:
         load_config(overrides=["search.popsiz=8"])

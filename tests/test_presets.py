@@ -19,9 +19,15 @@ from .conftest import REPO
 CONFIGS = REPO / "configs"
 NOT_PAPER = {"cpu_default.yaml", "fake_scaling.yaml"}  # CPU default and the model-free engine check
 
-# What every paper run shares (§3, §4): full-covariance CMA-ES over offsets σ_sft + x, a LoRA SFT warm
+# What every paper run shares (§3, §4): full-covariance CMA-ES (mean step c_m = 1) over offsets σ_sft + x, a LoRA SFT warm
 # start, bf16 weights (or a quantized checkpoint), greedy decoding on the vLLM backend.
-PAPER_SEARCH = {"search.optimizer": "cma", "search.diagonal": False, "lora.parametrization": "offset", "lora.init": "sft"}
+PAPER_SEARCH = {
+    "search.optimizer": "cma",
+    "search.diagonal": False,
+    "search.cmean": 1.0,
+    "lora.parametrization": "offset",
+    "lora.init": "sft",
+}
 SFT_7B = {"sft.steps": 0, "sft.epochs": 1.0, "sft.learning_rate": 1e-4}  # Table 6: 7B/8B, one epoch at lr 1e-4
 SFT_32B_72B = {
     "sft.steps": 0,

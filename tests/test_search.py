@@ -215,7 +215,7 @@ def test_make_optimizer_from_config() -> None:
 def test_cmean_moves_the_mean_a_fraction_and_adapts_sigma_alike(diagonal: bool) -> None:
     """search.cmean = c_m: the first mean is c_m times the c_m = 1 mean (both start at 0, same candidates),
     while σ adapts identically (pycma divides c_m back out of the evolution paths)."""
-    full = make_optimizer(SearchSection(popsize=10, sigma0=0.5, diagonal=diagonal), 30, seed=3)
+    full = make_optimizer(SearchSection(popsize=10, sigma0=0.5, diagonal=diagonal, cmean=1.0), 30, seed=3)
     part = make_optimizer(SearchSection(popsize=10, sigma0=0.5, diagonal=diagonal, cmean=0.25), 30, seed=3)
     X, Xp = full.ask(0), part.ask(0)
     assert np.array_equal(X, Xp)
@@ -227,7 +227,7 @@ def test_cmean_moves_the_mean_a_fraction_and_adapts_sigma_alike(diagonal: bool) 
     with pytest.raises(ValueError, match=r"cmean = 1\.0 in the checkpoint"):
         part.load_state_dict(full.state_dict())
     older = {k: v for k, v in full.state_dict().items() if k != "cmean"}  # written before search.cmean
-    resumed = make_optimizer(SearchSection(popsize=10, sigma0=0.5, diagonal=diagonal), 30, seed=3)
+    resumed = make_optimizer(SearchSection(popsize=10, sigma0=0.5, diagonal=diagonal, cmean=1.0), 30, seed=3)
     resumed.load_state_dict(older)
     assert resumed.digest() == full.digest()
     with pytest.raises(ValueError, match="cmean"):
