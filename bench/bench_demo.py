@@ -8,10 +8,17 @@ picks ``adapter_best`` by, so a second check scores the SFT adapter and the fina
 distribution that the run never saw (not in its validation split, not in its training split, from which
 the SFT examples and every minibatch come), greedy, paired: both adapters answer the same questions.
 
-    python bench/bench_demo.py                      # seeds 1234 (the default), 1, 2; writes bench/results/demo.json
-    python bench/bench_demo.py --seeds 7 --fresh 200
+Next to it, from the same start: GRPO (``python -m essa_hpc.grpo``, the same config with the same seed,
+so the same cached SFT adapter) at each ``--grpo-lrs`` learning rate, for as many seconds of training as
+the ESSA run's training time (validation excluded for both, essa_hpc.analysis.methods), its final
+adapter scored on the same fresh questions. GRPO validates only at its start and end here
+(``eval.every=0``): its curve is not what is compared, and validation would double its wall clock.
 
-Each seed is a full default run (~10 minutes on 2 CPU cores) plus the fresh check (~2 minutes).
+    python bench/bench_demo.py                      # seeds 1234 (the default), 1, 2; writes bench/results/demo.json
+    python bench/bench_demo.py --seeds 7 --fresh 200 --grpo-lrs ''
+
+Each seed is a full default run (~10 minutes on 2 CPU cores), the fresh check (~2 minutes) and one GRPO
+run of the same training time per learning rate.
 """
 
 from __future__ import annotations
@@ -57,15 +64,47 @@ def score_adapter(cfg: Any, adapter: Path, examples: list[Any], samples: Path) -
     return [by_id[e.id] for e in examples]
 
 
+def grpo_run(over: list[str], lr: float, train_s: float, work: Path, name: str) -> tuple[dict[str, Any], Path]:
+    """GRPO from the ESSA run's start (same config and seed: the same cached SFT adapter) for ``train_s``
+    seconds of training; its validation accuracy at start and end, steps and training time."""
+    sets = [*over[:1], f"run.dir={work}", f"run.name={name}", f"grpo.learning_rate={lr}", f"grpo.time_budget_s={train_s}"]
+    sets += ["grpo.max_steps=1000000", "eval.every=0"]
+    cmd = [sys.executable, "-m", "essa_hpc.grpo"] + [a for o in sets for a in ("--set", o)]
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"GRPO {name} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    summary = json.loads((work / name / "summary.json").read_text())
+    evals = [(int(g), m["accuracy"]) for g, m in summary["evals"]]
+    info = {
+        "learning_rate": lr,
+        "wall_s": time.perf_counter() - t,
+        "train_time_s": summary["train_time_s"],
+        "steps": summary["steps"],
+        "validation_accuracy": evals,
+        "start": evals[0][1],
+        "final": evals[-1][1],
+        "gain_points": 100 * (evals[-1][1] - evals[0][1]),
+    }
+    return info, work / name
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", default="1234,1,2")
     ap.add_argument("--fresh", type=int, default=400, help="unseen questions for the second check (0: skip it)")
+    ap.add_argument(
+        "--grpo-lrs",
+        type=lambda v: [float(x) for x in v.split(",") if x],
+        default=[3e-5],
+        help="GRPO learning rates from the same start ('': none; 3e-5: GRPO's best from a trained SFT, vs_grpo_seed1.json)",
+    )
     ap.add_argument("--workdir", default=None, help="where the run directories go (default: a temporary folder)")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "demo.json"))
     args = ap.parse_args()
 
     from essa_hpc import models, sft
+    from essa_hpc.analysis.methods import eval_curve
     from essa_hpc.config import load_config
     from essa_hpc.tasks import make_task
 
@@ -91,6 +130,10 @@ def main() -> None:
             "final": evals[-1][1],
             "gain_points": 100 * (evals[-1][1] - evals[0][1]),
         }
+        row["train_time_s"] = float(eval_curve(work / name / "log.h5")["train_time"].iloc[-1])
+        grpo_runs = {lr: grpo_run(over, lr, row["train_time_s"], work, f"{name}-grpo-lr{lr:g}") for lr in args.grpo_lrs}
+        if grpo_runs:
+            row["grpo"] = {f"{lr:g}": info for lr, (info, _) in grpo_runs.items()}
         if args.fresh:
             cfg = load_config(None, over)
             task = make_task(cfg)
@@ -109,6 +152,14 @@ def main() -> None:
                 "only_final_right": sum(1 for a, b in zip(r_sft, r_fin) if b > a),
                 "only_sft_right": sum(1 for a, b in zip(r_sft, r_fin) if a > b),
             }
+            for info, run_dir in grpo_runs.values():
+                r_g = score_adapter(cfg, run_dir / "adapter", fresh, work / f"{run_dir.name}-fresh.jsonl")
+                info["fresh"] = {
+                    "final": sum(r_g) / n,
+                    "gain_points": 100 * (sum(r_g) - sum(r_sft)) / n,
+                    "only_grpo_right": sum(1 for a, b in zip(r_sft, r_g) if b > a),
+                    "only_sft_right": sum(1 for a, b in zip(r_sft, r_g) if a > b),
+                }
         results.append(row)
         print(json.dumps(row), flush=True)
 
@@ -130,6 +181,13 @@ def main() -> None:
     if args.fresh:
         fg = [r["fresh"]["gain_points"] for r in results]
         out["fresh_gain_points"] = {"mean": sum(fg) / len(fg), "min": min(fg), "max": max(fg)}
+    for lr in args.grpo_lrs:
+        key = f"{lr:g}"
+        gg = [r["grpo"][key]["gain_points"] for r in results]
+        out.setdefault("grpo_validation_gain_points", {})[key] = {"mean": sum(gg) / len(gg), "min": min(gg), "max": max(gg)}
+        if args.fresh:
+            fg = [r["grpo"][key]["fresh"]["gain_points"] for r in results]
+            out.setdefault("grpo_fresh_gain_points", {})[key] = {"mean": sum(fg) / len(fg), "min": min(fg), "max": max(fg)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
     print(f"wrote {args.out}")

@@ -183,7 +183,7 @@ def jobs(args: argparse.Namespace, common: list[str], adapter: Path, work: Path)
         ]
         grpo = [
             {
-                "label": f"grpo-lr{lr:g}",
+                "label": f"grpo-lr{lr:g}" + (f"-g{group}" if group != 8 else ""),
                 "method": "grpo",
                 "seed": seed,
                 "module": "essa_hpc.grpo",
@@ -194,12 +194,13 @@ def jobs(args: argparse.Namespace, common: list[str], adapter: Path, work: Path)
                     f"grpo.learning_rate={lr}",
                     f"grpo.time_budget_s={budget}",
                     "grpo.max_steps=100000",
-                    f"grpo.group_size={args.grpo_group}",
+                    f"grpo.group_size={group}",
                     f"grpo.prompts_per_step={args.grpo_prompts}",
                     f"eval.every={args.grpo_eval_every}",
                 ],
             }
             for lr in args.grpo_lrs
+            for group in args.grpo_groups
         ]
         for i in range(max(len(essa), len(grpo))):  # interleave: concurrent runs are of different methods
             out += [j[i] for j in (essa, grpo) if i < len(j)]
@@ -232,6 +233,8 @@ def run_all(todo: list[dict[str, Any]], parallel: int, work: Path) -> None:
             cores.append(core)
             job["returncode"], job["wall_s"] = p.returncode, time.perf_counter() - t0
             print(f"[{time.strftime('%H:%M:%S')}] done  {job['name']} rc={p.returncode} in {job['wall_s']:.0f} s", flush=True)
+            done = [j for j in todo if "returncode" in j]  # kept after every job: an interrupted call still summarises
+            (work / "jobs.json").write_text(json.dumps(done, indent=1))
             if p.returncode != 0:
                 print((work / f"{job['name']}.out").read_text()[-3000:], flush=True)
 
@@ -311,6 +314,8 @@ def aggregate(runs: list[dict[str, Any]], out: Path) -> dict[str, Any]:
             "best_essa": best_essa,
             "best_essa_gain_points": e_gain,
             "essa_gain_at_least_2x_grpo": bool(e_gain >= 2 * g_gain and e_gain > 0),
+            # the rule above holds trivially when GRPO's best loses: read it together with this
+            "grpo_best_gained": bool(g_gain > 0),
             "essa_minutes_to_grpo_budget_accuracy": reach,
             # only a gain is a level to reach: below the SFT start, ESSA "reaches" it at minute 0
             "essa_reaches_it_within_7_min": bool(g_gain > 0 and reach and all(m <= 7.0 for m in reach)),
@@ -347,7 +352,12 @@ def main() -> None:
     ap.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[1234, 1])
     ap.add_argument("--essa", type=lambda s: s.split(","), default=["default"], help=f"ESSA variants from {sorted(ESSA_VARIANTS)}")
     ap.add_argument("--grpo-lrs", type=lambda s: [float(x) for x in s.split(",") if x], default=[1e-4, 3e-4])
-    ap.add_argument("--grpo-group", type=int, default=8)
+    ap.add_argument(
+        "--grpo-groups",
+        type=lambda s: [int(x) for x in s.split(",") if x],
+        default=[8],
+        help="GRPO group sizes (completions per prompt), each run at every --grpo-lrs; labels gain -g<G> when G is not 8",
+    )
     ap.add_argument("--grpo-prompts", type=int, default=4)
     ap.add_argument("--essa-eval-every", type=int, default=4, help="generations between validations")
     ap.add_argument("--grpo-eval-every", type=int, default=4, help="optimizer steps between validations")
@@ -384,6 +394,8 @@ def main() -> None:
     state = work / "jobs.json"
     t0 = time.perf_counter()
     if args.summarise_only:
+        if not state.is_file():
+            raise SystemExit(f"--summarise-only: {state} does not exist; no job of an earlier call in {work} has finished")
         todo = json.loads(state.read_text())
     else:
         run_all(todo, args.parallel, work)
@@ -397,7 +409,7 @@ def main() -> None:
             "seeds": args.seeds,
             "essa_variants": {v: ESSA_VARIANTS[v] for v in args.essa},
             "grpo_learning_rates": args.grpo_lrs,
-            "grpo_group_size": args.grpo_group,
+            "grpo_group_sizes": args.grpo_groups,
             "grpo_prompts_per_step": args.grpo_prompts,
             "held_out_questions": args.held_out,
             "train_questions": TRAIN,
