@@ -17,8 +17,8 @@ adapter scored on the same fresh questions. GRPO validates only at its start and
     python bench/bench_demo.py                      # seeds 1234 (the default), 1, 2; writes bench/results/demo.json
     python bench/bench_demo.py --seeds 7 --fresh 200 --grpo-lrs ''
 
-Each seed is a full default run (~10 minutes on 2 CPU cores), the fresh check (~2 minutes) and one GRPO
-run of the same training time per learning rate.
+Each seed is a full default run (7-8 minutes on 2 CPU cores, its own SFT included), the fresh check
+(~2 minutes) and one GRPO run of the same training time per learning rate.
 """
 
 from __future__ import annotations

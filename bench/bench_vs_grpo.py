@@ -42,20 +42,27 @@ TRAIN, HELD_OUT = 2000, 400
 SYSTEM_PROMPT = "Please reason step by step and place your final answer in \\boxed{}."
 
 # ESSA settings compared (each a list of --set overrides on top of the project's defaults)
+# Variants measured when CMA's mean learning rate defaulted to 1 pin search.cmean=1.0, so that their names
+# still reproduce the figures in bench/results/ (there, "default" before 2026-12-04 is "cmean1" here).
+C1 = "search.cmean=1.0"
 ESSA_VARIANTS: dict[str, list[str]] = {
     "default": [],
+    # the first release's CMA mean step, the "default" of the earlier result files
+    "cmean1": [C1],
     # common random numbers at T > 0: every candidate samples with the same seeds per prompt
-    "crn": ["backend.temperature=0.7", "search.common_random_numbers=true"],
-    "crn_b32": ["backend.temperature=0.7", "search.common_random_numbers=true", "task.batch_size=32", "search.popsize=12"],
-    "full_b48": ["search.diagonal=false", "task.batch_size=48"],
-    "alpha1": ["lora.alpha_fraction=1.0"],
-    "sigma03": ["search.sigma0=0.3"],
-    "crn_s03": ["backend.temperature=0.7", "search.common_random_numbers=true", "search.sigma0=0.3"],
-    "ranks": ["search.fitness_shaping=centered_ranks"],
+    "crn": ["backend.temperature=0.7", "search.common_random_numbers=true", C1],
+    "crn_b32": ["backend.temperature=0.7", "search.common_random_numbers=true", "task.batch_size=32", "search.popsize=12", C1],
+    "full_b48": ["search.diagonal=false", "task.batch_size=48", C1],
+    "alpha1": ["lora.alpha_fraction=1.0", C1],
+    "sigma03": ["search.sigma0=0.3", C1],
+    "crn_s03": ["backend.temperature=0.7", "search.common_random_numbers=true", "search.sigma0=0.3", C1],
+    "ranks": ["search.fitness_shaping=centered_ranks", C1],
     # fewer candidates, each scored on 4x the prompts (reward SE halves), full-covariance CMA as the paper
-    "full_l8_b64": ["search.diagonal=false", "search.popsize=8", "task.batch_size=64"],
+    "full_l8_b64": ["search.diagonal=false", "search.popsize=8", "task.batch_size=64", C1],
     # the mean takes a quarter of each selected step; candidates keep σ0 1.0 (answers change, rewards differ)
     "cmean025": ["search.cmean=0.25"],
+    # full_l8_b64 at the mean step of cmean025: less noisy rankings and a damped mean together
+    "full_l8_b64_c025": ["search.diagonal=false", "search.popsize=8", "task.batch_size=64", "search.cmean=0.25"],
     # the paper's offsets σ = σ_sft + x (one absolute σ0 for all factors: here A's mean σ is ~0.6, B's ~0.07),
     # with the mean learning rate of cmean025
     "offset_cmean": ["lora.parametrization=offset", "search.sigma0=0.2", "search.cmean=0.25"],

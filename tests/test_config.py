@@ -182,3 +182,19 @@ def test_cli_typo_suggests() -> None:
     r = _cli("--set", "search.popsiz=8")
     assert r.returncode == 2
     assert "did you mean search.popsize" in r.stderr
+
+
+def test_head_to_head_variants_validate_and_keep_their_measured_mean_step() -> None:
+    """bench/bench_vs_grpo.py's named variants are what its result files cite: each must still load,
+    and those measured while CMA's mean step defaulted to 1 must still run at 1 after the default moved."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_vs_grpo", REPO / "bench" / "bench_vs_grpo.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    for name, sets in mod.ESSA_VARIANTS.items():
+        cfg = load_config(overrides=list(sets), check_paths=False)
+        if cfg.search.optimizer == "cma":
+            measured_at_one = name in {"cmean1", "crn", "crn_b32", "full_b48", "alpha1", "sigma03", "crn_s03", "ranks", "full_l8_b64"}
+            assert cfg.search.cmean == (1.0 if measured_at_one else 0.25), name
