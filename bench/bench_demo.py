@@ -64,6 +64,22 @@ def score_adapter(cfg: Any, adapter: Path, examples: list[Any], samples: Path) -
     return [by_id[e.id] for e in examples]
 
 
+def paired(before: list[float], after: list[float], who: str) -> dict[str, Any]:
+    """Accuracy of ``after`` on the same questions as ``before``, its gain, and the discordant pairs."""
+    n = len(before)
+    return {
+        "final": sum(after) / n,
+        "gain_points": 100 * (sum(after) - sum(before)) / n,
+        f"only_{who}_right": sum(1 for a, b in zip(before, after) if b > a),
+        "only_sft_right": sum(1 for a, b in zip(before, after) if a > b),
+    }
+
+
+def spread(xs: list[float]) -> dict[str, float]:
+    """Mean, min and max over seeds."""
+    return {"mean": sum(xs) / len(xs), "min": min(xs), "max": max(xs)}
+
+
 def grpo_run(over: list[str], lr: float, train_s: float, work: Path, name: str) -> tuple[dict[str, Any], Path]:
     """GRPO from the ESSA run's start (same config and seed: the same cached SFT adapter) for ``train_s``
     seconds of training; its validation accuracy at start and end, steps and training time."""
@@ -143,33 +159,19 @@ def main() -> None:
             fresh = fresh_questions(cfg, args.fresh)
             r_sft = score_adapter(cfg, sft_dir, fresh, work / f"{name}-fresh-sft.jsonl")
             r_fin = score_adapter(cfg, work / name / "adapter", fresh, work / f"{name}-fresh-final.jsonl")
-            n = len(fresh)
-            row["fresh"] = {
-                "questions": n,
-                "sft": sum(r_sft) / n,
-                "final": sum(r_fin) / n,
-                "gain_points": 100 * (sum(r_fin) - sum(r_sft)) / n,
-                "only_final_right": sum(1 for a, b in zip(r_sft, r_fin) if b > a),
-                "only_sft_right": sum(1 for a, b in zip(r_sft, r_fin) if a > b),
-            }
+            row["fresh"] = {"questions": len(fresh), "sft": sum(r_sft) / len(fresh), **paired(r_sft, r_fin, "final")}
             for info, run_dir in grpo_runs.values():
                 r_g = score_adapter(cfg, run_dir / "adapter", fresh, work / f"{run_dir.name}-fresh.jsonl")
-                info["fresh"] = {
-                    "final": sum(r_g) / n,
-                    "gain_points": 100 * (sum(r_g) - sum(r_sft)) / n,
-                    "only_grpo_right": sum(1 for a, b in zip(r_sft, r_g) if b > a),
-                    "only_sft_right": sum(1 for a, b in zip(r_sft, r_g) if a > b),
-                }
+                info["fresh"] = paired(r_sft, r_g, "grpo")
         results.append(row)
         print(json.dumps(row), flush=True)
 
-    gains = [r["gain_points"] for r in results]
     out: dict[str, Any] = {
         "benchmark": "embedded default (python -m essa_hpc.run, no other arguments) per seed: "
         "held-out accuracy of the SFT start vs after ESSA",
         "config": {k: v for k, v in json.loads(load_config(None).to_json()).items() if k in SECTIONS},
         "results": results,
-        "validation_gain_points": {"mean": sum(gains) / len(gains), "min": min(gains), "max": max(gains)},
+        "validation_gain_points": spread([r["gain_points"] for r in results]),
         "machine": {
             "cpus": os.cpu_count(),
             "load_avg": os.getloadavg(),
@@ -179,15 +181,12 @@ def main() -> None:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     if args.fresh:
-        fg = [r["fresh"]["gain_points"] for r in results]
-        out["fresh_gain_points"] = {"mean": sum(fg) / len(fg), "min": min(fg), "max": max(fg)}
+        out["fresh_gain_points"] = spread([r["fresh"]["gain_points"] for r in results])
     for lr in args.grpo_lrs:
         key = f"{lr:g}"
-        gg = [r["grpo"][key]["gain_points"] for r in results]
-        out.setdefault("grpo_validation_gain_points", {})[key] = {"mean": sum(gg) / len(gg), "min": min(gg), "max": max(gg)}
+        out.setdefault("grpo_validation_gain_points", {})[key] = spread([r["grpo"][key]["gain_points"] for r in results])
         if args.fresh:
-            fg = [r["grpo"][key]["fresh"]["gain_points"] for r in results]
-            out.setdefault("grpo_fresh_gain_points", {})[key] = {"mean": sum(fg) / len(fg), "min": min(fg), "max": max(fg)}
+            out.setdefault("grpo_fresh_gain_points", {})[key] = spread([r["grpo"][key]["fresh"]["gain_points"] for r in results])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
     print(f"wrote {args.out}")
