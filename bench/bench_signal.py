@@ -14,7 +14,13 @@ parametrization, for three ways of scoring:
 It also reports the share of completions a candidate changes against x = 0 (same prompt, same seed) and
 the candidates' mean reward change. Same task, data and SFT adapter as bench/bench_vs_grpo.py.
 
+With ``--set search.space=lowrank`` (or ``full``, with ``--set search.optimizer=es``) it calibrates a
+seeded space's σ instead: the start is the SFT merged into the base weights (as bench_vs_grpo.py's weight
+variants start), and candidate c is θ + σ0·E(seed, 0, c), the perturbation the space draws for noise
+index c, so the share of changed answers and the reward change say whether σ0 moves anything.
+
     python bench/bench_signal.py --sft-adapter ~/.cache/essa_hpc/bench/sft-<key> [--popsize 12 --prompts 48 --sigma0 1.0]
+    python bench/bench_signal.py --sft-adapter … --modes greedy --sigma0 0.001 --set search.space=lowrank --set search.optimizer=es
 
 Writes bench/results/signal.json.
 """
@@ -36,7 +42,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "bench")]
 
-from bench_vs_grpo import HELD_OUT, common_overrides, write_data  # noqa: E402
+from bench_vs_grpo import HELD_OUT, common_overrides, start_of, write_data  # noqa: E402
+
+MODES = ("greedy", "sampled", "crn")
 
 
 def main() -> None:
@@ -49,9 +57,12 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config overrides (e.g. lora.alpha_fraction=1.0)")
     ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--modes", type=lambda v: v.split(","), default=list(MODES), help=f"some of {','.join(MODES)}")
     ap.add_argument("--workdir", default=str(Path.home() / ".cache" / "essa_hpc" / "bench" / "signal"))
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "signal.json"))
     args = ap.parse_args()
+    if not args.modes or set(args.modes) - set(MODES):
+        raise SystemExit(f"--modes: got {args.modes}; expected some of {list(MODES)}")
 
     from essa_hpc import dist, models
     from essa_hpc.backends.base import Request
@@ -62,19 +73,23 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     train, held = write_data(work, HELD_OUT)
     ns = argparse.Namespace(held_out=HELD_OUT, max_new_tokens=args.max_new_tokens)
-    over = [*common_overrides(train, held, ns), f"lora.adapter={args.sft_adapter}", f"run.seed={args.seed}", "model.threads=0", *args.set]
+    start = start_of(args.set, Path(args.sft_adapter))  # lora.adapter, or model.path of the merged SFT
+    over = [*common_overrides(train, held, ns), start, f"run.seed={args.seed}", "model.threads=0", *args.set]
     cfg = load_config(None, over)
     models.set_threads(0, 1)
     comm = dist.init()
     ev = build_evaluator(cfg, comm)
     rng = np.random.default_rng(args.seed)
     lam, n, dim = args.popsize, args.prompts, ev.dim
-    X = np.vstack([np.zeros(dim), args.sigma0 * rng.standard_normal((lam, dim))])  # row 0: the SFT adapter itself
+    if ev.space is not None and ev.space.seeded:  # seed codes (generation 0, noise index c, coefficient σ0); row 0: the merged SFT itself
+        X = np.array([[0.0, 0.0, 0.0], *[[0.0, float(c), args.sigma0] for c in range(1, lam + 1)]])
+    else:  # row 0: the SFT adapter itself
+        X = np.vstack([np.zeros(dim), args.sigma0 * rng.standard_normal((lam, dim))])
     order = rng.permutation(len(ev.train))[: 2 * n]
     halves = {"A": [ev.train[i] for i in order[:n]], "B": [ev.train[i] for i in order[n:]]}
     result: dict[str, Any] = {}
     t0 = time.perf_counter()
-    for mode in ("greedy", "sampled", "crn"):
+    for mode in args.modes:
         temp = 0.0 if mode == "greedy" else args.temperature
         scores, texts = {}, {}
         for half, exs in halves.items():
@@ -120,6 +135,7 @@ def main() -> None:
             "prompts_per_half": n,
             "sigma0": args.sigma0,
             "dim": dim,
+            "space": cfg.search.space,
             "parametrization": cfg.lora.parametrization,
             "alpha_fraction": cfg.lora.alpha_fraction,
             "temperature": args.temperature,

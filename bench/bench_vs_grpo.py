@@ -41,33 +41,44 @@ DATA_SEED = 1234
 TRAIN, HELD_OUT = 2000, 400
 SYSTEM_PROMPT = "Please reason step by step and place your final answer in \\boxed{}."
 
-# ESSA settings compared (each a list of --set overrides on top of the project's defaults)
-# Variants measured when CMA's mean learning rate defaulted to 1 pin search.cmean=1.0, so that their names
-# still reproduce the figures in bench/results/ (there, "default" before 2026-12-04 is "cmean1" here).
+# ESSA settings compared (each a list of --set overrides on top of the project's defaults). Every variant
+# pins the settings it was measured under where the defaults have moved since, so that its name still
+# reproduces the figures in bench/results/. There, "default" means the defaults of the file's date:
+# cmean1 here before 2026-12-04, cmean025 from 2026-12-04 to 2026-12-07, full_l8_b64_c025 since.
 C1 = "search.cmean=1.0"
+SEP16 = ["search.diagonal=true", "search.popsize=16", "task.batch_size=16"]  # sep-CMA, λ 16 × 16 prompts (to 2026-12-07)
+L16B16 = ["search.popsize=16", "task.batch_size=16"]  # es's λ and prompts per candidate as measured
 ESSA_VARIANTS: dict[str, list[str]] = {
     "default": [],
     # the first release's CMA mean step, the "default" of the earlier result files
-    "cmean1": [C1],
+    "cmean1": [C1, *SEP16],
     # common random numbers at T > 0: every candidate samples with the same seeds per prompt
-    "crn": ["backend.temperature=0.7", "search.common_random_numbers=true", C1],
-    "crn_b32": ["backend.temperature=0.7", "search.common_random_numbers=true", "task.batch_size=32", "search.popsize=12", C1],
-    "full_b48": ["search.diagonal=false", "task.batch_size=48", C1],
-    "alpha1": ["lora.alpha_fraction=1.0", C1],
-    "sigma03": ["search.sigma0=0.3", C1],
-    "crn_s03": ["backend.temperature=0.7", "search.common_random_numbers=true", "search.sigma0=0.3", C1],
-    "ranks": ["search.fitness_shaping=centered_ranks", C1],
+    "crn": ["backend.temperature=0.7", "search.common_random_numbers=true", C1, *SEP16],
+    "crn_b32": [
+        "backend.temperature=0.7",
+        "search.common_random_numbers=true",
+        "task.batch_size=32",
+        "search.popsize=12",
+        "search.diagonal=true",
+        C1,
+    ],
+    "full_b48": ["search.diagonal=false", "task.batch_size=48", "search.popsize=16", C1],
+    "alpha1": ["lora.alpha_fraction=1.0", C1, *SEP16],
+    "sigma03": ["search.sigma0=0.3", C1, *SEP16],
+    "crn_s03": ["backend.temperature=0.7", "search.common_random_numbers=true", "search.sigma0=0.3", C1, *SEP16],
+    "ranks": ["search.fitness_shaping=centered_ranks", C1, *SEP16],
     # fewer candidates, each scored on 4x the prompts (reward SE halves), full-covariance CMA as the paper
     "full_l8_b64": ["search.diagonal=false", "search.popsize=8", "task.batch_size=64", C1],
     # the mean takes a quarter of each selected step; candidates keep σ0 1.0 (answers change, rewards differ)
-    "cmean025": ["search.cmean=0.25"],
-    # full_l8_b64 at the mean step of cmean025: less noisy rankings and a damped mean together
+    "cmean025": ["search.cmean=0.25", *SEP16],
+    # full_l8_b64 at the mean step of cmean025: less noisy rankings and a damped mean together (the
+    # defaults since 2026-12-07)
     "full_l8_b64_c025": ["search.diagonal=false", "search.popsize=8", "task.batch_size=64", "search.cmean=0.25"],
     # the paper's offsets σ = σ_sft + x (one absolute σ0 for all factors: here A's mean σ is ~0.6, B's ~0.07),
     # with the mean learning rate of cmean025
-    "offset_cmean": ["lora.parametrization=offset", "search.sigma0=0.2", "search.cmean=0.25"],
+    "offset_cmean": ["lora.parametrization=offset", "search.sigma0=0.2", "search.cmean=0.25", *SEP16],
     # OpenAI-ES on the singular values: antithetic pairs on the same prompts, centred ranks, α decoupled from σ
-    "es_a1": ["search.optimizer=es", "search.learning_rate=1.0", "search.fitness_shaping=centered_ranks"],
+    "es_a1": ["search.optimizer=es", "search.learning_rate=1.0", "search.fitness_shaping=centered_ranks", *L16B16],
     # EGGROLL-style rank-1 perturbations of every linear layer of the merged SFT model, with es-at-scale's
     # σ 0.001 and z-scored rewards; its α 5e-4 multiplies (1/n) Σ R_i ε_i, ours α/(nσ) Σ F_i ε_i, so α·σ
     "lowrank_es": [
@@ -76,6 +87,28 @@ ESSA_VARIANTS: dict[str, list[str]] = {
         "search.sigma0=0.001",
         "search.learning_rate=5e-7",
         "search.fitness_shaping=zscore",
+        *L16B16,
+    ],
+    # es-at-scale's own scheme: full-shape Gaussian noise on every selected weight, one candidate at a time
+    "full_es": [
+        "search.space=full",
+        "search.optimizer=es",
+        "search.sigma0=0.001",
+        "search.learning_rate=5e-7",
+        "search.fitness_shaping=zscore",
+        *L16B16,
+    ],
+    # ESSA on an int8 base (torchao weight-only, quantized in-process) from the same SFT adapter: QES's rival
+    "int8_svd": ["model.quantization=int8", "search.diagonal=false", "search.popsize=8", "task.batch_size=64"],
+    # QES on the merged SFT quantized to int8: integer noise of σ code units, error feedback, seed replay
+    "qes_int8": [
+        "model.quantization=int8",
+        "search.space=qes",
+        "search.optimizer=es",
+        "search.sigma0=0.5",
+        "search.learning_rate=0.3",
+        "search.fitness_shaping=zscore",
+        *L16B16,
     ],
 }
 

@@ -412,7 +412,17 @@ def test_digest_ignores_cosmetic_keys_and_old_checkpoints_resume(tmp_path: Path)
     from essa_hpc.config import ADDED_SINCE_FIRST_RELEASE, Config, digest_diff
 
     # the first release's defaults: its 3-step SFT warm start, and the full CMA mean step of before search.cmean
-    a = Config().replace(**{"sft.steps": 3, "sft.learning_rate": 2e-3, "search.cmean": 1.0})
+    # and its sep-CMA with λ 16 × 16 prompts
+    a = Config().replace(
+        **{
+            "sft.steps": 3,
+            "sft.learning_rate": 2e-3,
+            "search.cmean": 1.0,
+            "search.diagonal": True,
+            "search.popsize": 16,
+            "task.batch_size": 16,
+        }
+    )
     for key, value in (("log.progress", False), ("run.dir", "/elsewhere"), ("run.name", "moved"), ("log.checkpoint_every", 7)):
         assert a.replace(**{key: value}).digest() == a.digest(), key
     assert a.replace(**{"search.sigma0": 0.5}).digest() != a.digest()

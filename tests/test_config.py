@@ -195,6 +195,13 @@ def test_head_to_head_variants_validate_and_keep_their_measured_mean_step() -> N
     spec.loader.exec_module(mod)
     for name, sets in mod.ESSA_VARIANTS.items():
         cfg = load_config(overrides=list(sets), check_paths=False)
+        if name != "default":  # λ and prompts per candidate moved on 2026-12-07: every measured variant names its own
+            keys = {o.split("=", 1)[0] for o in sets}
+            assert {"search.popsize", "task.batch_size"} <= keys, name
+            assert cfg.search.optimizer != "cma" or "search.diagonal" in keys, name
         if cfg.search.optimizer == "cma":
             measured_at_one = name in {"cmean1", "crn", "crn_b32", "full_b48", "alpha1", "sigma03", "crn_s03", "ranks", "full_l8_b64"}
             assert cfg.search.cmean == (1.0 if measured_at_one else 0.25), name
+    # "default" is today's defaults, and today's defaults are the variant they were chosen from
+    chosen = load_config(overrides=list(mod.ESSA_VARIANTS["full_l8_b64_c025"]), check_paths=False)
+    assert load_config(overrides=[], check_paths=False).digest() == chosen.digest()
