@@ -17,7 +17,7 @@ adapter scored on the same fresh questions. GRPO validates only at its start and
     python bench/bench_demo.py                      # seeds 1234 (the default), 1, 2; writes bench/results/demo.json
     python bench/bench_demo.py --seeds 7 --fresh 200 --grpo-lrs ''
 
-Each seed is a full default run (7-8 minutes on 2 CPU cores, its own SFT included), the fresh check
+Each seed is a full default run (11-12 minutes on 2 CPU cores, its own SFT included), the fresh check
 (~2 minutes) and one GRPO run of the same training time per learning rate.
 """
 
