@@ -126,6 +126,10 @@ def test_full_disk_fails_cleanly_and_log_stays_readable(tmp_path: Path) -> None:
         "--set",
         "search.popsize=16",
         "--set",
+        "search.diagonal=true",  # sep-CMA: full CMA's d² state would fill the 120 kB before generation 1
+        "--set",
+        "task.batch_size=16",
+        "--set",
         f"run.dir={tmp_path}",
         "--set",
         "run.name=full",
