@@ -16,8 +16,8 @@ the candidates' mean reward change. Same task, data and SFT adapter as bench/ben
 
 With ``--set search.space=lowrank`` (or ``full``, with ``--set search.optimizer=es``) it calibrates a
 seeded space's σ instead: the start is the SFT merged into the base weights (as bench_vs_grpo.py's weight
-variants start), and candidate c is θ + σ0·E(seed, 0, c), the perturbation the space draws for noise
-index c, so the share of changed answers and the reward change say whether σ0 moves anything.
+variants start), and the candidates are the run's own generation 0 (es: antithetic pairs θ ± σ0·E drawn
+from the space's noise), so the share of changed answers and the reward change say whether σ0 moves anything.
 
     python bench/bench_signal.py --sft-adapter ~/.cache/essa_hpc/bench/sft-<key> [--popsize 12 --prompts 48 --sigma0 1.0]
     python bench/bench_signal.py --sft-adapter … --modes greedy --sigma0 0.001 --set search.space=lowrank --set search.optimizer=es
@@ -28,6 +28,7 @@ Writes bench/results/signal.json.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -68,6 +69,7 @@ def main() -> None:
     from essa_hpc.backends.base import Request
     from essa_hpc.config import load_config
     from essa_hpc.evaluation import build_evaluator
+    from essa_hpc.search.factory import make_optimizer
 
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -81,8 +83,9 @@ def main() -> None:
     ev = build_evaluator(cfg, comm)
     rng = np.random.default_rng(args.seed)
     lam, n, dim = args.popsize, args.prompts, ev.dim
-    if ev.space is not None and ev.space.seeded:  # seed codes (generation 0, noise index c, coefficient σ0); row 0: the merged SFT itself
-        X = np.array([[0.0, 0.0, 0.0], *[[0.0, float(c), args.sigma0] for c in range(1, lam + 1)]])
+    if ev.space is not None and ev.space.seeded:  # the run's own generation 0 (es: antithetic seed codes); row 0: the merged SFT
+        search = dataclasses.replace(cfg.search, popsize=lam, sigma0=args.sigma0)
+        X = np.vstack([np.zeros(dim), make_optimizer(search, dim, args.seed, seeded=True).ask(0)])
     else:  # row 0: the SFT adapter itself
         X = np.vstack([np.zeros(dim), args.sigma0 * rng.standard_normal((lam, dim))])
     order = rng.permutation(len(ev.train))[: 2 * n]

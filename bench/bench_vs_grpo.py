@@ -48,6 +48,7 @@ SYSTEM_PROMPT = "Please reason step by step and place your final answer in \\box
 C1 = "search.cmean=1.0"
 SEP16 = ["search.diagonal=true", "search.popsize=16", "task.batch_size=16"]  # sep-CMA, λ 16 × 16 prompts (to 2026-12-07)
 L16B16 = ["search.popsize=16", "task.batch_size=16"]  # es's λ and prompts per candidate as measured
+FULL8 = ["search.diagonal=false", "search.popsize=8", "task.batch_size=64"]  # full CMA, λ 8 × 64 prompts (since 2026-12-07)
 ESSA_VARIANTS: dict[str, list[str]] = {
     "default": [],
     # the first release's CMA mean step, the "default" of the earlier result files
@@ -68,12 +69,12 @@ ESSA_VARIANTS: dict[str, list[str]] = {
     "crn_s03": ["backend.temperature=0.7", "search.common_random_numbers=true", "search.sigma0=0.3", C1, *SEP16],
     "ranks": ["search.fitness_shaping=centered_ranks", C1, *SEP16],
     # fewer candidates, each scored on 4x the prompts (reward SE halves), full-covariance CMA as the paper
-    "full_l8_b64": ["search.diagonal=false", "search.popsize=8", "task.batch_size=64", C1],
+    "full_l8_b64": [*FULL8, C1],
     # the mean takes a quarter of each selected step; candidates keep σ0 1.0 (answers change, rewards differ)
     "cmean025": ["search.cmean=0.25", *SEP16],
     # full_l8_b64 at the mean step of cmean025: less noisy rankings and a damped mean together (the
     # defaults since 2026-12-07)
-    "full_l8_b64_c025": ["search.diagonal=false", "search.popsize=8", "task.batch_size=64", "search.cmean=0.25"],
+    "full_l8_b64_c025": [*FULL8, "search.cmean=0.25"],
     # the paper's offsets σ = σ_sft + x (one absolute σ0 for all factors: here A's mean σ is ~0.6, B's ~0.07),
     # with the mean learning rate of cmean025
     "offset_cmean": ["lora.parametrization=offset", "search.sigma0=0.2", "search.cmean=0.25", *SEP16],
@@ -99,7 +100,7 @@ ESSA_VARIANTS: dict[str, list[str]] = {
         *L16B16,
     ],
     # ESSA on an int8 base (torchao weight-only, quantized in-process) from the same SFT adapter: QES's rival
-    "int8_svd": ["model.quantization=int8", "search.diagonal=false", "search.popsize=8", "task.batch_size=64"],
+    "int8_svd": ["model.quantization=int8", *FULL8],
     # QES on the merged SFT quantized to int8: integer noise of σ code units, error feedback, seed replay
     "qes_int8": [
         "model.quantization=int8",
