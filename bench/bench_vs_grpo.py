@@ -75,6 +75,11 @@ ESSA_VARIANTS: dict[str, list[str]] = {
     # full_l8_b64 at the mean step of cmean025: less noisy rankings and a damped mean together (the
     # defaults since 2026-12-07)
     "full_l8_b64_c025": [*FULL8, "search.cmean=0.25"],
+    # the default with mirrored sampling: 4 pairs m ± σy, each pair scored on the same 64 prompts
+    "full_mirr4": [*FULL8, "search.cmean=0.25", "search.mirrors=4"],
+    # the default at T 0.7 with common random numbers: every candidate samples a prompt with the same seed,
+    # so a small step changes the expected reward smoothly where greedy answers do not move
+    "full_crn": [*FULL8, "search.cmean=0.25", "backend.temperature=0.7", "search.common_random_numbers=true"],
     # the paper's offsets σ = σ_sft + x (one absolute σ0 for all factors: here A's mean σ is ~0.6, B's ~0.07),
     # with the mean learning rate of cmean025
     "offset_cmean": ["lora.parametrization=offset", "search.sigma0=0.2", "search.cmean=0.25", *SEP16],
@@ -87,6 +92,16 @@ ESSA_VARIANTS: dict[str, list[str]] = {
         "search.optimizer=es",
         "search.sigma0=0.001",
         "search.learning_rate=5e-7",
+        "search.fitness_shaping=zscore",
+        *L16B16,
+    ],
+    # lowrank_es at the σ that bench_signal calibrated (σ 0.003 changes ~12 % of greedy answers, σ 0.001 few),
+    # with α·σ kept at es-at-scale's α 5e-4
+    "lowrank_es_s003": [
+        "search.space=lowrank",
+        "search.optimizer=es",
+        "search.sigma0=0.003",
+        "search.learning_rate=1.5e-6",
         "search.fitness_shaping=zscore",
         *L16B16,
     ],

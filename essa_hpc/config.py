@@ -149,6 +149,10 @@ class SearchSection:
         0.25,
         "cma: learning rate c_m of the mean, m ← m + c_m Σ w_i (x_{i:λ} − m) (Hansen 2016 eq. (9), pycma's CMA_cmean). Below 1 the mean takes that fraction of each selected step while candidates keep their spread σ: with noisy rewards (few prompts per candidate) the mean drifts less per generation and averages the selections of ~1/c_m generations. The paper's CMA-ES uses 1 (its presets here set 1). Measured from a one-epoch SFT on a new task (bench/results/vs_grpo_weak*.json): c_m 1 lost 5.25 and 0.75 points of held-out accuracy in 20 CPU minutes, c_m 0.25 gained 0.5 and 0.75 (seeds 1234, 1), hence the CPU default.",
     )
+    mirrors: int = _f(
+        0,
+        "cma: mirrored (antithetic) sampling, the number m of candidates per generation that are the mirror m − σy of the candidate before them (pycma's CMA_mirrors, unconditional; Brockhoff et al. 2010). A pair is scored on the same prompts, so its reward difference is a two-sided step along y. 0 = λ independent candidates; at most λ/2 (λ/2 − 1 from d = 300 on, where TPA spends two candidates on line samples).",
+    )
     digest_every: int = _f(1, "Compare a hash of the optimizer state across ranks every this many generations.")
     digest_repair: bool = _f(False, "On a digest mismatch, copy rank 0's state instead of stopping the job.")
     fitness_shaping: str = _f("none", "none (raw −reward), centered_ranks or zscore (es: standardized rewards, es-at-scale's).")
@@ -323,6 +327,7 @@ ADDED_SINCE_FIRST_RELEASE = (
     "search.common_random_numbers",
     "search.learning_rate",
     "search.lr_decay",
+    "search.mirrors",
     "search.qes_decay",
     "search.qes_residual",
     "search.qes_window",
@@ -805,6 +810,11 @@ def _validate_space(cfg: Config, need: Any) -> None:
     )
     if s.optimizer == "cma":
         need(s.popsize >= 3, "search.popsize", f"expected a population of at least 3 (pycma's minimum; 4 from d = 300 on), got {s.popsize}")
+        need(
+            0 <= s.mirrors <= s.popsize // 2,
+            "search.mirrors",
+            f"expected 0 to search.popsize // 2 = {s.popsize // 2} mirrored candidates (each mirrors the one before it), got {s.mirrors}",
+        )
     else:
         need(s.popsize >= 2, "search.popsize", f"expected a population of at least 2, got {s.popsize}")
         need(
@@ -819,6 +829,11 @@ def _validate_space(cfg: Config, need: Any) -> None:
         )
         need(0 < s.lr_decay <= 1, "search.lr_decay", f"expected 0 < lr_decay <= 1, got {s.lr_decay}")
         need(0 < s.sigma_decay <= 1, "search.sigma_decay", f"expected 0 < sigma_decay <= 1, got {s.sigma_decay}")
+        need(
+            s.mirrors == 0,
+            "search.mirrors",
+            f"is CMA-ES's mirrored sampling; search.optimizer=es pairs its candidates by search.antithetic (leave search.mirrors at 0), got {s.mirrors}",
+        )
         default_cmean = SearchSection().cmean
         need(
             s.cmean == default_cmean,

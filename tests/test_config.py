@@ -91,6 +91,8 @@ def test_overrides_are_typed() -> None:
         ("search.digest_every=0", "search.digest_every"),
         ("search.cmean=0", "search.cmean"),
         ("search.cmean=1.5", "search.cmean"),
+        ("search.mirrors=-1", "search.mirrors"),
+        ("search.mirrors=5", "search.mirrors"),  # λ 8: at most 4 pairs
         ("backend.name=vlm", "did you mean vllm"),
         ("backend.max_loras=-1", "backend.max_loras"),
         ("backend.max_model_len=-5", "backend.max_model_len"),
@@ -107,6 +109,13 @@ def test_bad_values_name_the_field(override: str, needle: str) -> None:
     with pytest.raises(ConfigError, match=None) as e:
         load_config(overrides=[override])
     assert needle in str(e.value)
+
+
+def test_mirrors_belong_to_cma() -> None:
+    es = ["search.optimizer=es", "search.learning_rate=1.0"]
+    with pytest.raises(ConfigError, match=r"search\.mirrors.*search\.antithetic.*got 2"):
+        load_config(overrides=[*es, "search.mirrors=2"])
+    assert load_config(overrides=["search.mirrors=4"]).search.mirrors == 4
 
 
 def test_cmean_belongs_to_cma() -> None:

@@ -236,6 +236,33 @@ def test_cmean_moves_the_mean_a_fraction_and_adapts_sigma_alike(diagonal: bool) 
         CMAES(10, 8, 0.5, seed=0, cmean=0.0)
 
 
+@pytest.mark.parametrize("dim", [30, 320])
+def test_mirrors_pair_the_last_candidates_and_resume(dim: int) -> None:
+    """search.mirrors = m: the last 2m candidates of every generation are m pairs m ± σy (pycma's
+    unconditional mirroring), the rest independent; TPA's line samples (d >= 300) come first; the
+    setting is part of the checkpoint, and a checkpoint from before the key resumes as m = 0."""
+    cfg = SearchSection(popsize=8, sigma0=0.5, diagonal=False, cmean=0.25, mirrors=3)
+    opt = make_optimizer(cfg, dim, seed=5)
+    for g in range(3):
+        mean = opt.mean
+        X = opt.ask(g)
+        Y = X - mean
+        pairs = [np.allclose(Y[-1 - 2 * i], -Y[-2 - 2 * i], rtol=0, atol=1e-12) for i in range(4)]
+        tpa = dim >= 300 and g > 0  # TPA's two line samples m ± σ·(mean shift) are a ± pair of their own
+        assert pairs == [True, True, True, tpa], (g, pairs)
+        opt.tell(X, sphere(X, 1.0))
+    again = make_optimizer(cfg, dim, seed=5)
+    again.load_state_dict(opt.state_dict())
+    assert again.digest() == opt.digest() and np.array_equal(again.ask(3), opt.ask(3))
+    plain = make_optimizer(SearchSection(popsize=8, sigma0=0.5, diagonal=False, cmean=0.25), dim, seed=5)
+    with pytest.raises(ValueError, match="mirrors"):
+        plain.load_state_dict(opt.state_dict())
+    older = {k: v for k, v in plain.state_dict().items() if k != "mirrors"}  # written before search.mirrors
+    make_optimizer(SearchSection(popsize=8, sigma0=0.5, diagonal=False, cmean=0.25), dim, seed=5).load_state_dict(older)
+    with pytest.raises(ValueError, match=r"search\.mirrors"):
+        CMAES(dim, 8, 0.5, seed=0, mirrors=4 if dim >= 300 else 5)
+
+
 def test_centered_ranks() -> None:
     assert np.array_equal(centered_ranks(np.array([3.0, 1.0, 2.0])), [0.5, -0.5, 0.0])
     r = centered_ranks(np.array([1.0, 0.0, 1.0, 5.0, 1.0]))

@@ -9,7 +9,8 @@ run and its resume) diverge, and checks how the run loop drives it:
   ``SeedSequence(seed, spawn_key=(STREAM_TAG, g))`` (docs/design.md, "One generation", step 1). pycma's
   ``seed`` option is NaN ("do nothing"), so pycma never seeds or reads the global ``np.random``; the
   few places where pycma itself touches the global RNG (the TPA consistency check in ``tell`` uses
-  ``np.random.randint``; ``Mh.sround`` for mirrors, which we switch off) cannot change results, and the
+  ``np.random.randint``; ``Mh.sround`` for mirrors, which with an integer count of mirrors always rounds
+  to that count whatever it draws) cannot change results, and the
   wrapper saves and restores the global ``np.random`` state around every call so user code sees it
   untouched.
 * **No files, no output, no clock.** ``verbose=-9``, ``verb_log=0``, ``verb_disp=0``,
@@ -114,7 +115,13 @@ class GenerationNormals:
         return {"seed": self.seed, "gen": self.gen, "bit_generator": None if self.rng is None else self.rng.bit_generator.state}
 
 
-def pycma_options(popsize: int, diagonal: bool, randn: Any, cmean: float = 1.0) -> dict[str, Any]:
+def _pycma_mirrors(mirrors: int, popsize: int) -> float:
+    """pycma's CMA_mirrors value that gives exactly ``mirrors`` mirrors: below 0.5 it is a fraction of λ,
+    above 1 a count, and in [0.5, 1] it selects pycma's own default number."""
+    return 0.0 if mirrors == 0 else mirrors / popsize if mirrors == 1 else float(mirrors)
+
+
+def pycma_options(popsize: int, diagonal: bool, randn: Any, cmean: float = 1.0, mirrors: int = 0) -> dict[str, Any]:
     """The pycma options every rank uses (see the module docstring for why each is pinned)."""
     inf = math.inf
     return {
@@ -123,7 +130,11 @@ def pycma_options(popsize: int, diagonal: bool, randn: Any, cmean: float = 1.0) 
         # c_m of m ← m + c_m σ Σ w_i y_{i:λ} (eq. (9)); pycma divides it back out of the paths (eqs. (43), (45)),
         # so σ and C adapt as at c_m = 1 while the mean takes a c_m fraction of the selected step
         "CMA_cmean": float(cmean),
-        "CMA_mirrors": 0,  # no mirrored sampling: λ independent candidates; avoids Mh.sround's global RNG
+        # mirrored sampling (Brockhoff et al. 2010): the last 2m candidates are m pairs (y, −y); method 0
+        # mirrors unconditionally inside ask (pycma's default, 2, injects mirrors of the last generation's
+        # worst candidates into the next one instead)
+        "CMA_mirrors": _pycma_mirrors(mirrors, popsize),
+        "CMA_mirrormethod": 0,
         "randn": randn,  # z_k ~ N(0, I), eq. (38), from the optimizer's own Generator
         "seed": np.nan,  # "do nothing": pycma neither seeds nor reads the global np.random
         "CMA_eigenmethod": np.linalg.eigh,  # C = B D² Bᵀ (eq. (39)), LAPACK through numpy's BLAS
@@ -194,6 +205,7 @@ class CMAES:
         fitness_shaping: str = "none",
         blas_threads: int = 1,
         cmean: float = 1.0,
+        mirrors: int = 0,
     ) -> None:
         for key, value in (("dim", dim), ("search.popsize", popsize), ("seed", seed), ("blas_threads", blas_threads)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
@@ -216,6 +228,11 @@ class CMAES:
             raise ValueError(f"blas_threads: expected >= 1, got {blas_threads}")
         if not (isinstance(cmean, (int, float)) and 0 < cmean <= 1):
             raise ValueError(f"search.cmean: expected a mean learning rate 0 < c_m <= 1, got {cmean!r}")
+        free = popsize - (2 if dim >= TPA_FROM_DIM else 0)  # TPA's two line samples are never mirrored
+        if isinstance(mirrors, bool) or not isinstance(mirrors, (int, np.integer)) or not 0 <= 2 * mirrors <= free:
+            raise ValueError(
+                f"search.mirrors: expected 0 to {free // 2} mirrored candidates for λ = {popsize} and d = {dim}, got {mirrors!r}"
+            )
         self.dim: Final[int] = int(dim)  # the Optimizer protocol's read-only d and λ
         self.popsize: Final[int] = int(popsize)
         self._sigma0 = float(sigma0)
@@ -224,12 +241,13 @@ class CMAES:
         self._fitness_shaping = fitness_shaping
         self._blas_threads = int(blas_threads)
         self._cmean = float(cmean)
+        self._mirrors = int(mirrors)
         self._randn = GenerationNormals(self._seed)
         with self._pinned():
             # m^(0) = 0 (the SFT adapter), σ^(0) = sigma0, C^(0) = I (pycma adds a 1e-4/d spread to the diagonal)
-            options = pycma_options(self.popsize, self._diagonal, self._randn, self._cmean)
+            options = pycma_options(self.popsize, self._diagonal, self._randn, self._cmean, self._mirrors)
             self._es = cma.CMAEvolutionStrategy(np.zeros(self.dim), self._sigma0, options)
-        if self._es.sm.randn is not self._randn or self._es.popsize != self.popsize:
+        if self._es.sm.randn is not self._randn or self._es.popsize != self.popsize or self._es.sp.lam_mirr != self._mirrors:
             raise RuntimeError("pycma did not take the pinned sampler or population size; check the pycma version")
         self._asked = Handshake()
 
@@ -311,6 +329,7 @@ class CMAES:
             "diagonal": self._diagonal,
             "fitness_shaping": self._fitness_shaping,
             "cmean": self._cmean,
+            "mirrors": self._mirrors,
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -349,6 +368,8 @@ class CMAES:
         """
         if isinstance(state, dict) and "cmean" not in state:
             state = {**state, "cmean": 1.0}  # checkpoints from before search.cmean existed ran at c_m = 1
+        if isinstance(state, dict) and "mirrors" not in state:
+            state = {**state, "mirrors": 0}  # and those from before search.mirrors without mirrors
         check_state(state, STATE_FORMAT, self._settings())
         if state.get("cma_version") != cma.__version__:
             raise ValueError(

@@ -50,4 +50,5 @@ def make_optimizer(cfg: SearchSection, dim: int, seed: int, seeded: bool = False
         diagonal=cfg.diagonal,
         fitness_shaping=cfg.fitness_shaping,
         cmean=cfg.cmean,
+        mirrors=cfg.mirrors,
     )
