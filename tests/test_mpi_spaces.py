@@ -31,6 +31,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]
 
 
 def space_args(root: Path, out: Path, name: str, space: str, gens: int) -> list[str]:
+    space, _, rank = space.partition("-r")  # "lowrank-r1": the rank-1 forward path (the default rank)
     sets = [
         f"model.path={root / 'model'}",
         f"run.dir={out}",
@@ -42,7 +43,7 @@ def space_args(root: Path, out: Path, name: str, space: str, gens: int) -> list[
         "search.sigma0=0.5" if space == "full" else "search.sigma0=0.3",
         "search.learning_rate=0.2",
         "search.fitness_shaping=centered_ranks",
-        "search.rank=2",
+        f"search.rank={rank or 2}",
         "task.batch_size=2",
         "eval.size=2",
         "eval.every=0",
@@ -60,7 +61,7 @@ def weights(run_dir: Path) -> dict[str, np.ndarray]:
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("space", ["lowrank", "full"])
+@pytest.mark.parametrize("space", ["lowrank", "lowrank-r1", "full"])
 def test_weights_identical_on_1_2_3_ranks_and_across_resume(space: str, tiny: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
     root, env = tiny
     runs = {"n1": (1, [5]), "n2cut": (2, [3, 5]), "n3": (3, [5])}

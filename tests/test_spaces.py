@@ -115,9 +115,10 @@ def test_es_is_deterministic_and_resumes_from_its_state():
 # -------------------------------------------------------------------------------------------- lowrank
 
 
-def test_batched_lowrank_evaluation_equals_each_perturbation_applied_alone():
+@pytest.mark.parametrize("rank", [1, 2])  # rank 1 has its own vecdot/addcmul path
+def test_batched_lowrank_evaluation_equals_each_perturbation_applied_alone(rank):
     tm = tiny_model(0)
-    space = LowRankSpace(tm, TARGETS, rank=2, run_seed=5, base_model="tiny")
+    space = LowRankSpace(tm, TARGETS, rank=rank, run_seed=5, base_model="tiny")
     assert isinstance(space, Space) and isinstance(space, BatchedPerturbation)
     X = np.array([[4, 0, 0.7], [4, 0, -0.7], [4, 1, 0.3], [4, 2, 0.0]])
     backend = HFBackend(tm.model, tm.tokenizer, space, max_new_tokens=4)
@@ -128,7 +129,7 @@ def test_batched_lowrank_evaluation_equals_each_perturbation_applied_alone():
     backend.close()
     assert not any(type(m).__name__ == "LowRankLinear" for m in tm.model.modules())
     ref = tiny_model(0)
-    ref_space = LowRankSpace(ref, TARGETS, rank=2, run_seed=5, base_model="tiny")
+    ref_space = LowRankSpace(ref, TARGETS, rank=rank, run_seed=5, base_model="tiny")
     for j, (c, r) in enumerate(zip(cands, rows.tolist())):
         saved = [t.param.clone() for t in ref_space.weights.targets]
         with torch.no_grad():

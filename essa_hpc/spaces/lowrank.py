@@ -11,11 +11,12 @@ For target matrix i (W_i: m×n, y = x W_iᵀ) and noise index k of generation g 
 
 (LR-3) is what the batched forward computes: the population shares the base weights and each batch
 row adds its own rank-r term. With C candidates on a rank, ``LowRankLinear`` holds the stacks
-B[c] = B_c (C × n × r) and A[c] = (c_c/√r) A_cᵀ (C × r × m); in each forward it gathers every batch
-row's factors and adds bmm(bmm(x, B[row]), A[row]): cost (n + m)·r per token next to the base n·m,
-whatever the number of candidates, and a row's term is computed from its own factors alone (no other
-candidate's columns enter its reductions). The gathered factors live only during one layer's forward.
-The update (LR-4) is full-rank, formed in float32 and added to every rank's weights.
+Bt[c] = B_cᵀ (C × r × n) and A[c] = (c_c/√r) A_cᵀ (C × r × m); in each forward it gathers every batch
+row's factors and adds (x Bt[row]ᵀ) A[row] (at r = 1 a vecdot and an addcmul, else two bmm): cost
+(n + m)·r per token next to the base n·m, whatever the number of candidates, and a row's term is
+computed from its own factors alone (no other candidate's columns enter its reductions). The gathered
+factors live only during one layer's forward. The update (LR-4) is full-rank, formed in float32 and
+added to every rank's weights.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ class LowRankLinear(nn.Module):
     def __init__(self, base: nn.Module, name: str, rank: int) -> None:
         super().__init__()
         self.base, self.name, self.rank = base, name, rank
-        self.B: torch.Tensor | None = None  # [C, n, r]
+        self.B: torch.Tensor | None = None  # [C, r, n]: B_cᵀ
         self.A: torch.Tensor | None = None  # [C, r, m], coefficient/√r folded in
         self.rows: torch.Tensor | None = None  # [batch rows]: the candidate of each
 
@@ -55,8 +56,20 @@ class LowRankLinear(nn.Module):
             return y
         if x.dim() != 3 or x.shape[0] != self.rows.shape[0]:
             raise RuntimeError(f"{self.name}: input {tuple(x.shape)} does not match the {self.rows.shape[0]} rows selected")
-        h = torch.bmm(x.to(self.B.dtype), self.B.index_select(0, self.rows))  # [rows, T, r]
-        return y + torch.bmm(h, self.A.index_select(0, self.rows)).to(y.dtype)
+        Bt, A = self.B.index_select(0, self.rows), self.A.index_select(0, self.rows)  # [rows, r, n], [rows, r, m]
+        x = x.to(Bt.dtype)
+        if self.rank == 1:
+            # rank 1: a dot product and an outer product per row. On the CPU a bmm with one output column
+            # is ~7x slower than the same reduction as a vecdot, and a bmm with inner dimension 1 slower
+            # than an in-place addcmul (bench/bench_spaces.py)
+            h = torch.linalg.vecdot(x, Bt).unsqueeze(-1)  # [rows, T, 1]
+            if h.dtype == y.dtype:
+                return y.addcmul_(h, A)
+            return y.add_((h * A).to(y.dtype))
+        h = torch.bmm(x, Bt.mT)  # [rows, T, r]
+        if h.dtype == y.dtype:
+            return y.baddbmm_(h, A)  # y + h A in place
+        return y.add_(torch.bmm(h, A).to(y.dtype))
 
 
 class LowRankSpace:
@@ -132,7 +145,7 @@ class LowRankSpace:
         self._wrapped.clear()
 
     def tables(self, X: np.ndarray, dtype: Any, device: Any) -> list[Any]:
-        """Per target the stacks (B [C, n, r], A [C, r, m]) for population rows X (module doc); [] when
+        """Per target the stacks (Bᵀ [C, r, n], A [C, r, m]) for population rows X (module doc); [] when
         no row perturbs anything (validation of the current weights), so the wrappers stay plain layers."""
         rows = check_rows(X, SEED_CODE_WIDTH)
         if not np.any(rows[:, COEF]):
@@ -142,7 +155,7 @@ class LowRankSpace:
             Bs, As = [], []
             for r in rows:
                 A, B = self.factors(t, int(r[GEN]), int(r[INDEX]))
-                Bs.append(B)
+                Bs.append(B.T)
                 As.append((float(r[COEF]) / math.sqrt(self.rank)) * A.T)
             out.append((torch.stack(Bs).to(device, dtype), torch.stack(As).to(device, dtype)))
         return out
