@@ -48,6 +48,24 @@ from bench_eval import timed
 PROMPTS = ["What is 12 + 7?", "Name a prime number.", "2, 4, 6, what comes next?", "Say hello."]
 
 
+# (hidden, intermediate, layers, attention heads, kv heads) from the models' published config.json files:
+# the lowrank tables' size relative to the weights is arithmetic in these, so it is projected, not run
+PROJECTED = {
+    "Qwen2.5-7B": (3584, 18944, 28, 28, 4),
+    "Llama-3.1-8B": (4096, 14336, 32, 32, 8),
+    "Qwen2.5-32B": (5120, 27648, 64, 40, 8),
+    "Qwen2.5-72B": (8192, 29568, 80, 64, 8),
+}
+
+
+def tables_vs_weights(hidden: int, inter: int, layers: int, heads: int, kv: int, lam: int, rank: int) -> float:
+    """λ·r·Σ(m + n) / Σ m·n over every attention and MLP projection: the lowrank tables (one rank-r pair
+    per candidate and matrix, in the model's dtype) against the weights they perturb."""
+    kv_out = kv * (hidden // heads)
+    shapes = [(hidden, hidden), (kv_out, hidden), (kv_out, hidden), (hidden, hidden), (inter, hidden), (inter, hidden), (hidden, inter)]
+    return lam * rank * sum(m + n for m, n in shapes) / sum(m * n for m, n in shapes)
+
+
 def load(name: str) -> Any:
     if name == "tiny":
         return models.tiny_model(0)
@@ -140,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
         row["es_at_scale_broadcast_bytes_per_step"] = perturbed
         result["popsizes"][str(lam)] = row
         print(json.dumps({lam: row}, indent=1), flush=True)
+    result["projected_lowrank_tables_vs_weights"] = {
+        name: {str(lam): tables_vs_weights(*dims, lam, args.rank) for lam in args.popsizes} for name, dims in PROJECTED.items()
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(f"wrote {args.out}")
