@@ -77,6 +77,10 @@ TPA_FROM_DIM = 300  # pycma's default: CSA below, TPA from here on
 
 _controller: Any = None
 
+# settings added to the checkpoint after its first format, with the value that behaves as checkpoints
+# written before them ran: c_m = 1 before search.cmean, no mirrors before search.mirrors
+SETTINGS_BEFORE_THEIR_KEYS: Final[dict[str, Any]] = {"cmean": 1.0, "mirrors": 0}
+
 
 def _blas_limit(threads: int) -> contextlib.AbstractContextManager[Any]:
     global _controller
@@ -366,10 +370,8 @@ class CMAES:
 
         The state is unpickled: load checkpoints you wrote yourself only.
         """
-        if isinstance(state, dict) and "cmean" not in state:
-            state = {**state, "cmean": 1.0}  # checkpoints from before search.cmean existed ran at c_m = 1
-        if isinstance(state, dict) and "mirrors" not in state:
-            state = {**state, "mirrors": 0}  # and those from before search.mirrors without mirrors
+        if isinstance(state, dict):
+            state = {**SETTINGS_BEFORE_THEIR_KEYS, **state}
         check_state(state, STATE_FORMAT, self._settings())
         if state.get("cma_version") != cma.__version__:
             raise ValueError(

@@ -58,18 +58,13 @@ class LowRankLinear(nn.Module):
             raise RuntimeError(f"{self.name}: input {tuple(x.shape)} does not match the {self.rows.shape[0]} rows selected")
         Bt, A = self.B.index_select(0, self.rows), self.A.index_select(0, self.rows)  # [rows, r, n], [rows, r, m]
         x = x.to(Bt.dtype)
+        if y.dtype != Bt.dtype:  # tables in another dtype than the layer's output (tables() takes the model's)
+            return y.add_(torch.bmm(torch.bmm(x, Bt.mT), A).to(y.dtype))
         if self.rank == 1:
-            # rank 1: a dot product and an outer product per row. On the CPU a bmm with one output column
-            # is ~7x slower than the same reduction as a vecdot, and a bmm with inner dimension 1 slower
-            # than an in-place addcmul (bench/bench_spaces.py)
-            h = torch.linalg.vecdot(x, Bt).unsqueeze(-1)  # [rows, T, 1]
-            if h.dtype == y.dtype:
-                return y.addcmul_(h, A)
-            return y.add_((h * A).to(y.dtype))
-        h = torch.bmm(x, Bt.mT)  # [rows, T, r]
-        if h.dtype == y.dtype:
-            return y.baddbmm_(h, A)  # y + h A in place
-        return y.add_(torch.bmm(h, A).to(y.dtype))
+            # a dot product and an outer product per row: on the CPU a bmm with one output column is several
+            # times slower than the same reduction as a vecdot, and one with inner dimension 1 than an addcmul
+            return y.addcmul_(torch.linalg.vecdot(x, Bt).unsqueeze(-1), A)
+        return y.baddbmm_(torch.bmm(x, Bt.mT), A)  # y + (x Btᵀ) A in place
 
 
 class LowRankSpace:
