@@ -80,6 +80,12 @@ ESSA_VARIANTS: dict[str, list[str]] = {
     # the default at T 0.7 with common random numbers: every candidate samples a prompt with the same seed,
     # so a small step changes the expected reward smoothly where greedy answers do not move
     "full_crn": [*FULL8, "search.cmean=0.25", "backend.temperature=0.7", "search.common_random_numbers=true"],
+    # the default without active CMA (search.active=false): C learns from the μ best only, no negative
+    # weights for the worst candidates, whose low rewards at 64 prompts may be noise more than direction
+    "full_passive": [*FULL8, "search.cmean=0.25", "search.active=false"],
+    # the default with two-point step-size adaptation (TPA) in place of CSA at d 240: σ grows or shrinks by
+    # which of two line samples m ± σ·(last mean step) scores better, not by the length of an evolution path
+    "full_tpa": [*FULL8, "search.cmean=0.25", "search.step_size=tpa"],
     # the paper's offsets σ = σ_sft + x (one absolute σ0 for all factors: here A's mean σ is ~0.6, B's ~0.07),
     # with the mean learning rate of cmean025
     "offset_cmean": ["lora.parametrization=offset", "search.sigma0=0.2", "search.cmean=0.25", *SEP16],

@@ -48,6 +48,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 SEARCH_SPACES = {"svd_lora": ("cma", "es"), "lowrank": ("es",), "full": ("es",), "qes": ("es",)}
 SEEDED_SPACES = ("lowrank", "full")  # spaces whose point is the model's weights (moved in place, never sent)
 FITNESS_SHAPING_NAMES = ("none", "centered_ranks", "zscore")
+STEP_SIZES = ("auto", "csa", "tpa")  # search.step_size; essa_hpc.search.cma_es.STEP_SIZES (a test keeps them equal)
 ALL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 QUANTIZATIONS = ("none", "int8", "int4", "awq", "gptq", "fp8", "compressed-tensors", "bitsandbytes")
 REPORT_TO = ("none", "tensorboard", "wandb")  # log.report_to (essa_hpc/tracker.py)
@@ -152,6 +153,14 @@ class SearchSection:
     mirrors: int = _f(
         0,
         "cma: mirrored (antithetic) sampling, the number m of candidates per generation that are the mirror m − σy of the candidate before them (pycma's CMA_mirrors, unconditional; Brockhoff et al. 2010). A pair is scored on the same prompts, so its reward difference is a two-sided step along y. 0 = λ independent candidates; at most λ/2 (λ/2 − 1 from d = 300 on, where TPA spends two candidates on line samples).",
+    )
+    active: bool = _f(
+        True,
+        "cma: active CMA (Jastrebski & Arnold 2006; Hansen 2016 eq. (47)), pycma's CMA_active and its default: the worst candidates' steps enter the covariance update with negative weights, so C shrinks along directions that scored badly. false keeps only the μ best, as the original CMA-ES.",
+    )
+    step_size: str = _f(
+        "auto",
+        "cma: step-size rule, pycma's AdaptSigma. auto = pycma's choice, cumulative step-size adaptation (CSA, Hansen 2016 eqs. (43)-(44)) below d = 300 and two-point adaptation (TPA, Hansen 2008) from there; csa or tpa pins one at any d. TPA spends the first two candidates of a generation on a line sample ± along the last mean step and needs λ >= 4.",
     )
     digest_every: int = _f(1, "Compare a hash of the optimizer state across ranks every this many generations.")
     digest_repair: bool = _f(False, "On a digest mismatch, copy rank 0's state instead of stopping the job.")
@@ -324,6 +333,7 @@ ADDED_SINCE_FIRST_RELEASE = (
     "lora.export_dtype",
     "search.antithetic",
     "search.cmean",
+    "search.active",
     "search.common_random_numbers",
     "search.learning_rate",
     "search.lr_decay",
@@ -333,6 +343,7 @@ ADDED_SINCE_FIRST_RELEASE = (
     "search.qes_window",
     "search.rank",
     "search.sigma_decay",
+    "search.step_size",
     "search.space",
     "search.targets",
     "sft.path",
@@ -808,12 +819,19 @@ def _validate_space(cfg: Config, need: Any) -> None:
         "search.optimizer",
         f"search.space={s.space} supports {' or '.join(supported)}, got {s.optimizer!r}",
     )
+    need(s.step_size in STEP_SIZES, "search.step_size", f"expected one of {STEP_SIZES}, got {s.step_size!r}")
     if s.optimizer == "cma":
-        need(s.popsize >= 3, "search.popsize", f"expected a population of at least 3 (pycma's minimum; 4 from d = 300 on), got {s.popsize}")
+        tpa = s.step_size == "tpa"
         need(
-            0 <= s.mirrors <= s.popsize // 2,
+            s.popsize >= (4 if tpa else 3),
+            "search.popsize",
+            f"expected a population of at least {'4 with search.step_size=tpa (two line samples' if tpa else '3 (pycma' + chr(39) + 's minimum; 4 from d = 300 on'}), got {s.popsize}",
+        )
+        most = s.popsize // 2 - (1 if tpa else 0)
+        need(
+            0 <= s.mirrors <= most,
             "search.mirrors",
-            f"expected 0 to search.popsize // 2 = {s.popsize // 2} mirrored candidates (each mirrors the one before it), got {s.mirrors}",
+            f"expected 0 to {most} mirrored candidates for search.popsize {s.popsize}{' with TPA' if tpa else ''} (each mirrors the one before it), got {s.mirrors}",
         )
     else:
         need(s.popsize >= 2, "search.popsize", f"expected a population of at least 2, got {s.popsize}")
@@ -834,6 +852,12 @@ def _validate_space(cfg: Config, need: Any) -> None:
             "search.mirrors",
             f"is CMA-ES's mirrored sampling; search.optimizer=es pairs its candidates by search.antithetic (leave search.mirrors at 0), got {s.mirrors}",
         )
+        for key, default in (("active", True), ("step_size", "auto")):
+            need(
+                getattr(s, key) == default,
+                f"search.{key}",
+                f"is a CMA-ES option; search.optimizer=es has no covariance or step-size adaptation (leave search.{key} at {default!r}), got {getattr(s, key)!r}",
+            )
         default_cmean = SearchSection().cmean
         need(
             s.cmean == default_cmean,

@@ -93,6 +93,8 @@ def test_overrides_are_typed() -> None:
         ("search.cmean=1.5", "search.cmean"),
         ("search.mirrors=-1", "search.mirrors"),
         ("search.mirrors=5", "search.mirrors"),  # λ 8: at most 4 pairs
+        ("search.step_size=median", "search.step_size"),
+        ("search.active=sometimes", "expected true or false"),
         ("backend.name=vlm", "did you mean vllm"),
         ("backend.max_loras=-1", "backend.max_loras"),
         ("backend.max_model_len=-5", "backend.max_model_len"),
@@ -116,6 +118,25 @@ def test_mirrors_belong_to_cma() -> None:
     with pytest.raises(ConfigError, match=r"search\.mirrors.*search\.antithetic.*got 2"):
         load_config(overrides=[*es, "search.mirrors=2"])
     assert load_config(overrides=["search.mirrors=4"]).search.mirrors == 4
+
+
+def test_active_and_step_size_belong_to_cma() -> None:
+    """search.active / search.step_size: CMA-ES options, refused by name with es; TPA needs λ >= 4 and
+    keeps its two line samples out of the mirrors; the optimizer and the config agree on the rule names."""
+    from essa_hpc.config import STEP_SIZES
+    from essa_hpc.search import cma_es
+
+    assert STEP_SIZES == cma_es.STEP_SIZES
+    es = ["search.optimizer=es", "search.learning_rate=1.0"]
+    for override in ("search.active=false", "search.step_size=csa"):
+        with pytest.raises(ConfigError, match=rf"{override.split('=')[0]}.*CMA-ES option.*search\.optimizer=es"):
+            load_config(overrides=[*es, override])
+    with pytest.raises(ConfigError, match=r"search\.popsize.*4 with search\.step_size=tpa.*got 3"):
+        load_config(overrides=["search.step_size=tpa", "search.popsize=3"])
+    with pytest.raises(ConfigError, match=r"search\.mirrors.*0 to 3.*TPA.*got 4"):
+        load_config(overrides=["search.step_size=tpa", "search.mirrors=4"])
+    cfg = load_config(overrides=["search.step_size=tpa", "search.active=false", "search.mirrors=3"])
+    assert (cfg.search.step_size, cfg.search.active, cfg.search.mirrors) == ("tpa", False, 3)
 
 
 def test_cmean_belongs_to_cma() -> None:

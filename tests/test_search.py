@@ -263,6 +263,47 @@ def test_mirrors_pair_the_last_candidates_and_resume(dim: int) -> None:
         CMAES(dim, 8, 0.5, seed=0, mirrors=4 if dim >= 300 else 5)
 
 
+@pytest.mark.parametrize("dim", [30, 320])
+def test_active_and_step_size_pin_pycma_and_resume(dim: int) -> None:
+    """search.active and search.step_size reach pycma (CMA_active, AdaptSigma) and change the run;
+    step_size=auto is pycma's choice by d and so equals the rule it picks; both are checkpoint settings,
+    and a checkpoint from before the keys resumes as active with auto."""
+    import cma
+
+    def run(**kw: object) -> CMAES:
+        opt = make_optimizer(SearchSection(popsize=8, sigma0=0.5, diagonal=False, cmean=0.25, **kw), dim, seed=7)  # type: ignore[arg-type]
+        for g in range(4):
+            X = opt.ask(g)
+            opt.tell(X, sphere(X, 1.0))
+        assert isinstance(opt, CMAES)
+        return opt
+
+    auto, passive = run(), run(active=False)
+    assert auto._es.opts["CMA_active"] is True and passive._es.opts["CMA_active"] is False
+    assert auto.digest() != passive.digest()  # negative weights change C once the worst steps count
+    pinned = run(step_size="tpa" if dim >= 300 else "csa")
+    other = run(step_size="csa" if dim >= 300 else "tpa")
+    tpa = cma.sigma_adaptation.CMAAdaptSigmaTPA
+    assert isinstance(auto._es.adapt_sigma, tpa) == (dim >= 300) and isinstance(other._es.adapt_sigma, tpa) == (dim < 300)
+    assert np.array_equal(pinned.mean, auto.mean) and pinned.sigma == auto.sigma  # the rule auto picks
+    assert other.sigma != auto.sigma
+    again = make_optimizer(SearchSection(popsize=8, sigma0=0.5, diagonal=False, cmean=0.25, active=False), dim, seed=7)
+    again.load_state_dict(passive.state_dict())
+    assert again.digest() == passive.digest() and np.array_equal(again.ask(4), passive.ask(4))
+    with pytest.raises(ValueError, match="active"):
+        run().load_state_dict(passive.state_dict())
+    older = {k: v for k, v in auto.state_dict().items() if k not in ("active", "step_size")}  # before the keys
+    fresh = make_optimizer(SearchSection(popsize=8, sigma0=0.5, diagonal=False, cmean=0.25), dim, seed=7)
+    fresh.load_state_dict(older)
+    assert fresh.digest() == auto.digest()
+    with pytest.raises(ValueError, match=r"search\.step_size"):
+        CMAES(dim, 8, 0.5, seed=0, step_size="median")
+    with pytest.raises(ValueError, match=r"search\.popsize"):
+        CMAES(dim, 3, 0.5, seed=0, step_size="tpa")
+    with pytest.raises(ValueError, match=r"search\.mirrors"):
+        CMAES(dim, 8, 0.5, seed=0, step_size="tpa", mirrors=4)
+
+
 def test_centered_ranks() -> None:
     assert np.array_equal(centered_ranks(np.array([3.0, 1.0, 2.0])), [0.5, -0.5, 0.0])
     r = centered_ranks(np.array([1.0, 0.0, 1.0, 5.0, 1.0]))

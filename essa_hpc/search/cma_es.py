@@ -74,12 +74,20 @@ STATE_FORMAT = "essa_hpc.search.cma/1"
 MIN_POPSIZE = 4  # with TPA (d >= TPA_FROM_DIM): two line samples + at least two free candidates
 MIN_POPSIZE_CSA = 3  # pycma's own minimum (μ = 1 still works with CSA)
 TPA_FROM_DIM = 300  # pycma's default: CSA below, TPA from here on
+STEP_SIZES: Final[tuple[str, ...]] = ("auto", "csa", "tpa")  # search.step_size: pycma's choice by d, or pinned
 
 _controller: Any = None
 
 # settings added to the checkpoint after its first format, with the value that behaves as checkpoints
-# written before them ran: c_m = 1 before search.cmean, no mirrors before search.mirrors
-SETTINGS_BEFORE_THEIR_KEYS: Final[dict[str, Any]] = {"cmean": 1.0, "mirrors": 0}
+# written before them ran: c_m = 1 before search.cmean, no mirrors before search.mirrors, pycma's default
+# active update and step-size rule before search.active and search.step_size
+SETTINGS_BEFORE_THEIR_KEYS: Final[dict[str, Any]] = {"cmean": 1.0, "mirrors": 0, "active": True, "step_size": "auto"}
+
+
+def uses_tpa(dim: int, step_size: str) -> bool:
+    """Whether σ follows two-point adaptation (TPA, Hansen 2008) rather than CSA (Hansen 2016 eqs. (43)-(44)):
+    pycma's default picks TPA from d = TPA_FROM_DIM on; ``csa`` / ``tpa`` pin one rule at any d."""
+    return step_size == "tpa" or (step_size == "auto" and dim >= TPA_FROM_DIM)
 
 
 def _blas_limit(threads: int) -> contextlib.AbstractContextManager[Any]:
@@ -125,9 +133,18 @@ def _pycma_mirrors(mirrors: int, popsize: int) -> float:
     return 0.0 if mirrors == 0 else mirrors / popsize if mirrors == 1 else float(mirrors)
 
 
-def pycma_options(popsize: int, diagonal: bool, randn: Any, cmean: float = 1.0, mirrors: int = 0) -> dict[str, Any]:
+def pycma_options(
+    popsize: int,
+    diagonal: bool,
+    randn: Any,
+    cmean: float = 1.0,
+    mirrors: int = 0,
+    active: bool = True,
+    step_size: str = "auto",
+) -> dict[str, Any]:
     """The pycma options every rank uses (see the module docstring for why each is pinned)."""
     inf = math.inf
+    adapt_sigma: Any = {"auto": True, "csa": cma.sigma_adaptation.CMAAdaptSigmaCSA, "tpa": cma.sigma_adaptation.CMAAdaptSigmaTPA}[step_size]
     return {
         "popsize": popsize,  # λ (Hansen 2016 eq. (48) is pycma's default; ESSA sets it explicitly)
         "CMA_diagonal": bool(diagonal),  # True: sep-CMA (Ros & Hansen 2008), C diagonal, O(d) per update
@@ -139,6 +156,12 @@ def pycma_options(popsize: int, diagonal: bool, randn: Any, cmean: float = 1.0, 
         # worst candidates into the next one instead)
         "CMA_mirrors": _pycma_mirrors(mirrors, popsize),
         "CMA_mirrormethod": 0,
+        # active CMA (Jastrebski & Arnold 2006; Hansen 2016 eqs. (46)-(47), (53)): the worst candidates'
+        # steps enter C's rank-μ update with negative weights, shrinking variance along them; False keeps
+        # only the positive weights of the μ best
+        "CMA_active": bool(active),
+        # σ control: True = pycma's choice (CSA below d 300, TPA from there), or one class at any d
+        "AdaptSigma": adapt_sigma,
         "randn": randn,  # z_k ~ N(0, I), eq. (38), from the optimizer's own Generator
         "seed": np.nan,  # "do nothing": pycma neither seeds nor reads the global np.random
         "CMA_eigenmethod": np.linalg.eigh,  # C = B D² Bᵀ (eq. (39)), LAPACK through numpy's BLAS
@@ -210,17 +233,25 @@ class CMAES:
         blas_threads: int = 1,
         cmean: float = 1.0,
         mirrors: int = 0,
+        active: bool = True,
+        step_size: str = "auto",
     ) -> None:
         for key, value in (("dim", dim), ("search.popsize", popsize), ("seed", seed), ("blas_threads", blas_threads)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
                 raise ValueError(f"{key}: expected an integer, got {value!r}")
         if dim < 1:
             raise ValueError(f"dim: expected a solution length >= 1, got {dim}")
-        floor = MIN_POPSIZE if dim >= TPA_FROM_DIM else MIN_POPSIZE_CSA
+        if step_size not in STEP_SIZES:
+            raise ValueError(f"search.step_size: expected one of {STEP_SIZES}, got {step_size!r}")
+        if not isinstance(active, bool):
+            raise ValueError(f"search.active: expected true or false, got {active!r}")
+        tpa = uses_tpa(int(dim), step_size)
+        floor = MIN_POPSIZE if tpa else MIN_POPSIZE_CSA
         if popsize < floor:
             raise ValueError(
-                f"search.popsize: expected at least {floor} for d = {dim} (pycma needs λ >= 3; from d = {TPA_FROM_DIM} "
-                f"on, TPA step-size control spends two candidates per generation on line samples, so λ >= {MIN_POPSIZE}), got {popsize}"
+                f"search.popsize: expected at least {floor} for d = {dim} (pycma needs λ >= 3; TPA step-size control, "
+                f"pycma's from d = {TPA_FROM_DIM} on or search.step_size=tpa, spends two candidates per generation on "
+                f"line samples, so λ >= {MIN_POPSIZE}), got {popsize}"
             )
         if not (isinstance(sigma0, (int, float)) and math.isfinite(sigma0) and sigma0 > 0):
             raise ValueError(f"search.sigma0: expected a finite step size > 0, got {sigma0!r}")
@@ -232,7 +263,7 @@ class CMAES:
             raise ValueError(f"blas_threads: expected >= 1, got {blas_threads}")
         if not (isinstance(cmean, (int, float)) and 0 < cmean <= 1):
             raise ValueError(f"search.cmean: expected a mean learning rate 0 < c_m <= 1, got {cmean!r}")
-        free = popsize - (2 if dim >= TPA_FROM_DIM else 0)  # TPA's two line samples are never mirrored
+        free = popsize - (2 if tpa else 0)  # TPA's two line samples are never mirrored
         if isinstance(mirrors, bool) or not isinstance(mirrors, (int, np.integer)) or not 0 <= 2 * mirrors <= free:
             raise ValueError(
                 f"search.mirrors: expected 0 to {free // 2} mirrored candidates for λ = {popsize} and d = {dim}, got {mirrors!r}"
@@ -246,13 +277,24 @@ class CMAES:
         self._blas_threads = int(blas_threads)
         self._cmean = float(cmean)
         self._mirrors = int(mirrors)
+        self._active = active
+        self._step_size = step_size
         self._randn = GenerationNormals(self._seed)
         with self._pinned():
             # m^(0) = 0 (the SFT adapter), σ^(0) = sigma0, C^(0) = I (pycma adds a 1e-4/d spread to the diagonal)
-            options = pycma_options(self.popsize, self._diagonal, self._randn, self._cmean, self._mirrors)
+            options = pycma_options(self.popsize, self._diagonal, self._randn, self._cmean, self._mirrors, self._active, self._step_size)
             self._es = cma.CMAEvolutionStrategy(np.zeros(self.dim), self._sigma0, options)
-        if self._es.sm.randn is not self._randn or self._es.popsize != self.popsize or self._es.sp.lam_mirr != self._mirrors:
-            raise RuntimeError("pycma did not take the pinned sampler or population size; check the pycma version")
+        took = (
+            self._es.sm.randn is self._randn
+            and self._es.popsize == self.popsize
+            and self._es.sp.lam_mirr == self._mirrors
+            and isinstance(self._es.adapt_sigma, cma.sigma_adaptation.CMAAdaptSigmaTPA) == tpa
+            and bool(self._es.opts["CMA_active"]) == active
+        )
+        if not took:
+            raise RuntimeError(
+                "pycma did not take the pinned sampler, population size, mirrors, step-size rule or active flag; check the pycma version"
+            )
         self._asked = Handshake()
 
     # -- read-only views ---------------------------------------------------------------------------
@@ -334,6 +376,8 @@ class CMAES:
             "fitness_shaping": self._fitness_shaping,
             "cmean": self._cmean,
             "mirrors": self._mirrors,
+            "active": self._active,
+            "step_size": self._step_size,
         }
 
     def state_dict(self) -> dict[str, Any]:

@@ -51,4 +51,6 @@ def make_optimizer(cfg: SearchSection, dim: int, seed: int, seeded: bool = False
         fitness_shaping=cfg.fitness_shaping,
         cmean=cfg.cmean,
         mirrors=cfg.mirrors,
+        active=cfg.active,
+        step_size=cfg.step_size,
     )
