@@ -148,8 +148,12 @@ class LowRankSpace:
         out = []
         for t in self.weights.targets:
             Bs, As = [], []
+            drawn: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # an antithetic pair shares its draw
             for r in rows:
-                A, B = self.factors(t, int(r[GEN]), int(r[INDEX]))
+                key = (int(r[GEN]), int(r[INDEX]))
+                if key not in drawn:
+                    drawn[key] = self.factors(t, *key)
+                A, B = drawn[key]
                 Bs.append(B.T)
                 As.append((float(r[COEF]) / math.sqrt(self.rank)) * A.T)
             out.append((torch.stack(Bs).to(device, dtype), torch.stack(As).to(device, dtype)))
