@@ -852,13 +852,15 @@ def _validate_space(cfg: Config, need: Any) -> None:
             "search.mirrors",
             f"is CMA-ES's mirrored sampling; search.optimizer=es pairs its candidates by search.antithetic (leave search.mirrors at 0), got {s.mirrors}",
         )
-        for key, default in (("active", True), ("step_size", "auto")):
+        defaults = SearchSection()
+        for key in ("active", "step_size"):
+            default = getattr(defaults, key)
             need(
                 getattr(s, key) == default,
                 f"search.{key}",
                 f"is a CMA-ES option; search.optimizer=es has no covariance or step-size adaptation (leave search.{key} at {default!r}), got {getattr(s, key)!r}",
             )
-        default_cmean = SearchSection().cmean
+        default_cmean = defaults.cmean
         need(
             s.cmean == default_cmean,
             "search.cmean",

@@ -97,6 +97,18 @@ class LowRankSpace:
         v = torch.from_numpy(noise.normal(self.run_seed, gen, k, t.index, (m + n) * self.rank))
         return v[: m * self.rank].reshape(m, self.rank), v[m * self.rank :].reshape(n, self.rank)
 
+    def _factors_of_rows(self, t: Target, rows: np.ndarray) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """:meth:`factors` of every row, each (generation, noise index) drawn once: an antithetic pair
+        shares its draw (only its coefficient's sign differs), so the pair costs one generator run."""
+        drawn: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        out = []
+        for r in rows:
+            key = (int(r[GEN]), int(r[INDEX]))
+            if key not in drawn:
+                drawn[key] = self.factors(t, *key)
+            out.append(drawn[key])
+        return out
+
     def perturbation(self, t: Target, row: np.ndarray) -> torch.Tensor:
         """c E_k,i of (LR-2) for one row, float32 [m, n] (tests, one-at-a-time evaluation)."""
         A, B = self.factors(t, int(row[GEN]), int(row[INDEX]))
@@ -104,7 +116,7 @@ class LowRankSpace:
 
     def delta(self, t: Target, rows: np.ndarray) -> torch.Tensor:
         """Σ_k w_k E_k,i of (LR-4), float32 [m, n]: one product with inner dimension (rows·r)."""
-        pairs = [self.factors(t, int(r[GEN]), int(r[INDEX])) for r in rows]
+        pairs = self._factors_of_rows(t, rows)
         if not pairs:
             return torch.zeros(t.shape, dtype=torch.float32)
         w = torch.tensor(np.repeat(rows[:, COEF], self.rank), dtype=torch.float32)
@@ -148,12 +160,7 @@ class LowRankSpace:
         out = []
         for t in self.weights.targets:
             Bs, As = [], []
-            drawn: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # an antithetic pair shares its draw
-            for r in rows:
-                key = (int(r[GEN]), int(r[INDEX]))
-                if key not in drawn:
-                    drawn[key] = self.factors(t, *key)
-                A, B = drawn[key]
+            for r, (A, B) in zip(rows, self._factors_of_rows(t, rows), strict=True):
                 Bs.append(B.T)
                 As.append((float(r[COEF]) / math.sqrt(self.rank)) * A.T)
             out.append((torch.stack(Bs).to(device, dtype), torch.stack(As).to(device, dtype)))
